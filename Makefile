@@ -1,0 +1,34 @@
+# Two commands do everything: `make run` and `make test`. Both build .venv when it is
+# missing or older than the requirements.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench venv clean
+
+$(STAMP): requirements.txt requirements-local.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq -r requirements.txt -r requirements-local.txt
+	$(PY) -m pip install -qq --no-deps --no-build-isolation -e . || $(PY) -m pip install -qq --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Execute notebooks/run.ipynb with papermill into runs/run-<UTC time>.ipynb.
+run: $(STAMP)
+	$(PY) -m embed_helpers run $(if $(PARAMS),$(foreach p,$(PARAMS),--param $(p)))
+
+## The whole suite: unit and integration tests, doctests, and nbval on the notebook.
+test: $(STAMP)
+	$(PY) -m pytest
+
+## Benchmarks (print tables; see GUIDE.md).
+bench: $(STAMP)
+	$(PY) bench/backends.py
+	$(PY) bench/ingest.py
+	$(PY) bench/cache.py
+
+clean:
+	rm -rf $(VENV) .pgdata .cache runs .pytest_cache

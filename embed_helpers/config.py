@@ -1,0 +1,272 @@
+"""Settings: one typed, frozen object, loaded once.
+
+Precedence, highest first: explicit overrides (notebook parameters, CLI flags) >
+the process environment > the project's `.env` (found from the project root,
+whatever the working directory) > defaults. A bad value fails at load with a
+message naming the variable. Secrets never appear in `repr`, logs or output.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from dotenv import dotenv_values
+
+from .constants import DEFAULT_CACHE_PATH, PROJECT_ROOT
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("local", "ollama", "llm_api")
+ENCODINGS = ("float", "base64")
+LOCAL_MODEL_DEFAULT = "all-MiniLM-L6-v2"
+
+
+class Secret(str):
+    """A string that never shows itself in repr/str-formatting of Settings.
+
+    >>> Secret("sk-abcdefghijklmnop1234")
+    Secret('sk-…1234')
+    >>> mask("sk-abcdefghijklmnop1234")
+    'sk-…1234'
+    """
+
+    def __repr__(self) -> str:
+        return f"Secret({mask(self)!r})"
+
+
+def mask(value: str | None) -> str:
+    """Show at most a prefix and the last four characters of a secret."""
+    if not value:
+        return ""
+    if len(value) <= 8:
+        return "****"
+    prefix = value[:3] if value.startswith("sk-") else ""
+    return f"{prefix}…{value[-4:]}"
+
+
+def mask_url(url: str | None) -> str:
+    """Hide the password in a connection URL.
+
+    >>> mask_url("postgresql://alice:s3cret@db:5432/x")
+    'postgresql://alice:****@db:5432/x'
+    """
+    if not url:
+        return ""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1****@", url)
+
+
+# --- value parsers: each raises ValueError with what is allowed -------------------
+
+def _int(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise ValueError(f"expected a whole number >= {minimum}, got {value!r}") from None
+        if number < minimum:
+            raise ValueError(f"expected a whole number >= {minimum}, got {number}")
+        return number
+    return parse
+
+
+def _float(minimum: float) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        try:
+            number = float(str(value).strip())
+        except ValueError:
+            raise ValueError(f"expected a number >= {minimum}, got {value!r}") from None
+        if not number >= minimum or number == float("inf"):
+            raise ValueError(f"expected a finite number >= {minimum}, got {value!r}")
+        return number
+    return parse
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {value!r}")
+        return text
+    return parse
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false (1/0, yes/no), got {value!r}")
+
+
+def _url(value: Any) -> str:
+    text = str(value).strip().rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", text):
+        raise ValueError(f"expected an http(s):// URL, got {value!r}")
+    return text
+
+
+def _text(value: Any) -> str:
+    text = str(value).strip()
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _path(value: Any) -> Path:
+    path = Path(str(value).strip()).expanduser()
+    # Relative paths are taken from the project root, never the working directory.
+    return path if path.is_absolute() else (PROJECT_ROOT / path).resolve()
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def wrapped(value: Any) -> Any:
+        if value is None or str(value).strip() == "":
+            return None
+        return parse(value)
+    return wrapped
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of a run. Build with `load_settings()`, not directly."""
+
+    EMBEDDING_BACKEND: str = "local"
+    EMBED_BATCH_SIZE: int = 64
+    EMBED_MAX_RETRIES: int = 5
+    EMBED_BACKOFF_MS: int = 500
+    EMBED_MAX_CONCURRENCY: int = 1
+    EMBEDDING_TIMEOUT: float = 60.0
+    EMBEDDING_DIM: int | None = None
+    EMBED_ENCODING: str = "float"
+    OLLAMA_HOST: str = "http://localhost:11434"
+    OLLAMA_EMBED_MODEL: str = "nomic-embed-text"
+    OPENAI_BASE_URL: str = "https://api.openai.com/v1"
+    OPENAI_API_KEY: Secret | None = None
+    OPENAI_EMBED_MODEL: str = "text-embedding-3-small"
+    LOCAL_EMBED_MODEL: str = LOCAL_MODEL_DEFAULT
+    EMBED_CACHE_PATH: Path = DEFAULT_CACHE_PATH
+    EMBED_CACHE_ONLY: bool = False
+    DATABASE_URL: Secret | None = None
+    UPSERT: bool = True
+    EMBED_EXPECTED_TEXTS_PER_S: float | None = None
+    GPU_HOURLY_USD: float | None = None
+
+    def __repr__(self) -> str:
+        parts = [f"{name}={display(self, name)!r}" for name in setting_names()]
+        return "Settings(" + ", ".join(parts) + ")"
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(name, printable value) pairs, secrets masked: for Step 1 and the CLI."""
+        return [(name, display(self, name)) for name in setting_names()]
+
+    @property
+    def model(self) -> str:
+        """The model name of the chosen backend."""
+        return {"local": self.LOCAL_EMBED_MODEL, "ollama": self.OLLAMA_EMBED_MODEL,
+                "llm_api": self.OPENAI_EMBED_MODEL}[self.EMBEDDING_BACKEND]
+
+
+#: name -> (parser, help). The order is the order of GUIDE.md's table and `.env.example`.
+SPEC: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "EMBEDDING_BACKEND": (_choice(*BACKENDS), "local (in-process, offline), ollama or llm_api (OpenAI-compatible)"),
+    "EMBED_BATCH_SIZE": (_int(1), "texts per embedding request"),
+    "EMBED_MAX_RETRIES": (_int(0), "retries per request on 408/409/429/5xx, timeouts, connection errors"),
+    "EMBED_BACKOFF_MS": (_int(0), "first retry delay in ms; doubles each attempt (capped, jittered)"),
+    "EMBED_MAX_CONCURRENCY": (_int(1), "embedding requests in flight at once"),
+    "EMBEDDING_TIMEOUT": (_float(0.1), "seconds to wait for one response"),
+    "EMBEDDING_DIM": (_optional(_int(1)), "expected dimension; unset = discovered at Step 6"),
+    "EMBED_ENCODING": (_choice(*ENCODINGS), "llm_api response encoding: float, or base64 (smaller, faster)"),
+    "OLLAMA_HOST": (_url, "Ollama server URL"),
+    "OLLAMA_EMBED_MODEL": (_text, "Ollama embedding model"),
+    "OPENAI_BASE_URL": (_url, "OpenAI-compatible base URL, including /v1"),
+    "OPENAI_API_KEY": (_optional(lambda v: Secret(_text(v))), "API key (secret; sent as Bearer token)"),
+    "OPENAI_EMBED_MODEL": (_text, "model name sent to the OpenAI-compatible server"),
+    "LOCAL_EMBED_MODEL": (_text, "sentence-transformers model: the bundled name, or a path"),
+    "EMBED_CACHE_PATH": (_path, "JSONL embedding cache; relative paths are from the project root"),
+    "EMBED_CACHE_ONLY": (_bool, "never call the backend; cache misses become failures"),
+    "DATABASE_URL": (_optional(lambda v: Secret(_text(v))), "PostgreSQL URL; unset = embedded server in .pgdata/"),
+    "UPSERT": (_bool, "update rows whose id exists (ON CONFLICT DO UPDATE); off = keep them"),
+    "EMBED_EXPECTED_TEXTS_PER_S": (_optional(_float(0.001)), "throughput for the plan's estimate; unset = probe"),
+    "GPU_HOURLY_USD": (_optional(_float(0)), "price per hour of the embedding machine, for cost figures"),
+}
+
+SECRET_NAMES = ("OPENAI_API_KEY", "DATABASE_URL")
+
+
+def setting_names() -> list[str]:
+    return [f.name for f in fields(Settings)]
+
+
+def display(settings: Settings, name: str) -> str:
+    """A printable value; secrets masked."""
+    value = getattr(settings, name)
+    if value is None:
+        return ""
+    if name == "DATABASE_URL":
+        return mask_url(value)
+    if name in SECRET_NAMES:
+        return mask(value)
+    return str(value)
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None, *,
+                  env_file: Path | str | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from overrides > environment > `.env` > defaults.
+
+    Args:
+        overrides: e.g. notebook parameters (`globals()` works: only setting names are
+            read, and None means "not given").
+        env_file: the `.env` to read; default `<project root>/.env`.
+        environ: the environment; default `os.environ`.
+    Raises:
+        ConfigError: naming the first variable with a bad value.
+    """
+    env_path = Path(env_file) if env_file else PROJECT_ROOT / ".env"
+    sources: list[Mapping[str, Any]] = []
+    if overrides:
+        sources.append({k: v for k, v in overrides.items() if k in SPEC and v is not None})
+    sources.append(os.environ if environ is None else environ)
+    if env_path.is_file():
+        sources.append({k: v for k, v in dotenv_values(env_path).items() if v is not None})
+
+    values: dict[str, Any] = {}
+    for name, (parse, _help) in SPEC.items():
+        for source in sources:
+            if name in source and source[name] is not None:
+                raw = source[name]
+                try:
+                    values[name] = parse(raw)
+                except ValueError as exc:
+                    raise ConfigError(name, f"{exc}. Fix it in the notebook parameters, "
+                                            f"the environment or {env_path}.") from None
+                break
+    settings = Settings(**values)
+    if settings.EMBEDDING_BACKEND == "llm_api" and "api.openai.com" in settings.OPENAI_BASE_URL \
+            and not settings.OPENAI_API_KEY:
+        raise ConfigError("OPENAI_API_KEY", "is required for api.openai.com; set it in .env "
+                                            "(never in the notebook).")
+    log.debug("settings loaded: %r", settings)
+    return settings
+
+
+def replace_settings(settings: Settings, **changes: Any) -> Settings:
+    """A copy with some settings changed, each value parsed like at load."""
+    parsed = {}
+    for name, value in changes.items():
+        if name not in SPEC:
+            raise ConfigError(name, f"unknown setting; known: {', '.join(SPEC)}")
+        try:
+            parsed[name] = SPEC[name][0](value)
+        except ValueError as exc:
+            raise ConfigError(name, str(exc)) from None
+    from dataclasses import replace
+    return replace(settings, **parsed)

@@ -1,0 +1,92 @@
+"""One small hierarchy of errors, each carrying what the user needs to act.
+
+Transport and server failures are translated into these at one boundary
+(`embed_helpers.http`), so notebook cells and the CLI never see a raw
+`requests` exception.
+"""
+from __future__ import annotations
+
+
+class EmbedHelpersError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(EmbedHelpersError, ValueError):
+    """A setting has a value we cannot use; names the variable and what is allowed."""
+
+    def __init__(self, variable: str, message: str):
+        self.variable = variable
+        super().__init__(f"{variable}: {message}")
+
+
+class DataError(EmbedHelpersError, ValueError):
+    """The input data cannot be ingested as given (missing column, no rows...)."""
+
+
+class BackendError(EmbedHelpersError):
+    """The embedding server failed in a way retries did not fix.
+
+    Attributes:
+        backend: backend name (``ollama``, ``llm_api``, ``local``).
+        status: HTTP status, or None for transport failures.
+        server_message: the server's own error text, when it sent one.
+        hint: what to do about it.
+    """
+
+    def __init__(self, message: str, *, backend: str = "", status: int | None = None,
+                 server_message: str = "", hint: str = ""):
+        self.backend = backend
+        self.status = status
+        self.server_message = server_message
+        self.hint = hint
+        text = message
+        if server_message and server_message not in message:
+            text += f" Server said: {server_message}"
+        if hint:
+            text += f" {hint}"
+        super().__init__(text)
+
+
+class BackendUnreachable(BackendError):
+    """No connection could be made (refused, DNS, timeout on every attempt)."""
+
+
+class AuthenticationError(BackendError):
+    """401/403: the key is missing, wrong or lacks access."""
+
+
+class ModelNotFound(BackendError):
+    """The server does not know the model."""
+
+
+class BatchTooLarge(BackendError):
+    """413, or a 400 saying too many inputs / too long: split and retry."""
+
+
+class BadInput(BackendError):
+    """A non-retryable 4xx caused by the content of the inputs."""
+
+
+class EmbeddingValidationError(EmbedHelpersError, ValueError):
+    """Vectors that must not be written: wrong count, dimension, NaN, empty."""
+
+    def __init__(self, message: str, *, positions: list[int] | None = None):
+        self.positions = positions or []
+        super().__init__(message)
+
+
+class EmbeddingFailures(EmbedHelpersError):
+    """Some inputs got no vector; `failures` lists them (position, preview, reason)."""
+
+    def __init__(self, failures: list, total: int):
+        self.failures = failures
+        lines = [f"{len(failures)} of {total} texts could not be embedded:"]
+        for f in failures[:10]:
+            lines.append(f"  #{f.position} {f.preview!r}: {f.reason}")
+        if len(failures) > 10:
+            lines.append(f"  ... and {len(failures) - 10} more")
+        super().__init__("\n".join(lines))
+
+
+class CacheMiss(EmbedHelpersError):
+    """EMBED_CACHE_ONLY is set and a text is not in the cache."""

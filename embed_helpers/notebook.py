@@ -1,0 +1,61 @@
+"""Run `notebooks/run.ipynb` through papermill, taking parameters as people type them."""
+from __future__ import annotations
+
+import ast
+import json
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from .constants import NOTEBOOK_PATH, PROJECT_ROOT, RUNS_DIR
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def parse_param(assignment: str) -> tuple[str, Any]:
+    """`NAME=VALUE` -> (NAME, value); numbers, booleans and None become Python values.
+
+    >>> parse_param("EMBED_BATCH_SIZE=128")
+    ('EMBED_BATCH_SIZE', 128)
+    >>> parse_param("RUN_STEP9=True")
+    ('RUN_STEP9', True)
+    >>> parse_param("DATA_PATH=data/x.csv")
+    ('DATA_PATH', 'data/x.csv')
+    >>> parse_param("EMBED_BATCH_SIZE=abc")
+    ('EMBED_BATCH_SIZE', 'abc')
+    """
+    name, sep, raw = assignment.partition("=")
+    if not sep or not name.strip().isidentifier():
+        raise ConfigError("--param", f"expected NAME=VALUE, got {assignment!r}")
+    raw = raw.strip()
+    if raw.lower() in ("true", "false"):
+        return name.strip(), raw.lower() == "true"
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return name.strip(), value
+
+
+def default_output() -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return RUNS_DIR / f"run-{stamp}.ipynb"
+
+
+def run_notebook(params: Sequence[str] = (), out: Path | str | None = None,
+                 notebook: Path = NOTEBOOK_PATH) -> tuple[Path, dict | None]:
+    """Execute the notebook; return the executed notebook's path and its run report."""
+    import papermill
+
+    out = Path(out).resolve() if out else default_output()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parameters = dict(parse_param(p) for p in params)
+    report_path = out.with_suffix(".report.json")
+    parameters.setdefault("RUN_REPORT_PATH", str(report_path))
+    log.info("executing %s -> %s", notebook, out)
+    papermill.execute_notebook(str(notebook), str(out), parameters=parameters,
+                               cwd=str(PROJECT_ROOT), progress_bar=False)
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    return out, report

@@ -1,0 +1,69 @@
+"""The embedded PostgreSQL + pgvector used whenever DATABASE_URL is unset.
+
+`pgserver` runs one postmaster per data folder and shares it between processes
+(the notebook kernel, the CLI, pytest); the last process to let go stops it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from .constants import DEFAULT_PGDATA
+
+log = logging.getLogger(__name__)
+
+_uris: dict[Path, str] = {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _forget_dead_handles(pgdata: Path) -> None:
+    """Drop pids of processes that died without letting go (SIGKILL).
+
+    pgserver stops the server when the last *listed* process exits; a killed
+    process stays listed forever, and the server would then outlive everyone.
+    """
+    handles = pgdata / ".handle_pids.json"
+    if not handles.is_file():
+        return
+    try:
+        pids = json.loads(handles.read_text() or "[]")
+    except ValueError:
+        pids = []
+    alive = [pid for pid in pids if _pid_alive(pid)]
+    if alive != pids:
+        log.info("embedded PostgreSQL: forgetting %d dead handle(s)", len(pids) - len(alive))
+        handles.write_text(json.dumps(alive))
+
+
+def embedded_uri(pgdata: Path = DEFAULT_PGDATA) -> str:
+    """Start (or join) the embedded server in `pgdata`; return its connection URI."""
+    pgdata = Path(pgdata).resolve()
+    if pgdata in _uris:
+        return _uris[pgdata]
+    with warnings.catch_warnings():  # pgserver warns when XDG_RUNTIME_DIR is unset: harmless
+        warnings.simplefilter("ignore")
+        import pgserver
+        from pgserver.postgres_server import PostgresServer
+    # pgserver logs initdb's whole output at INFO; keep ours readable.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    # note: the same inter-process lock pgserver takes around its handle list
+    with PostgresServer._lock:
+        _forget_dead_handles(pgdata)
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    _uris[pgdata] = server.get_uri()
+    log.info("embedded PostgreSQL in %s (stops when the last process using it exits)", pgdata)
+    return _uris[pgdata]
