@@ -96,14 +96,13 @@ def cmd_run(args) -> int:
 
 def cmd_cache(args) -> int:
     from . import cache_doctor
-    from .cache import cache_stats, compact
+    from .cache import compact
     from .config import load_settings
 
     settings = load_settings()
     path = args.path or settings.EMBED_CACHE_PATH
     if args.action == "stats":
-        for key, value in cache_stats(path).items():
-            print(f"{key}: {value}")
+        print(cache_doctor.format_stats(cache_doctor.cache_stats(path)))
     elif args.action == "compact":
         for key, value in compact(path).items():
             print(f"{key}: {value}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ class _Run:
         self.write_spans: list[tuple[float, float]] = []
         self.failures: list[dict] = []
         self.texts_embedded = 0
+        self.lock = threading.Lock()
         self.rows_by_text: dict[str, list[int]] = {}
         for i in plan.todo:
             self.rows_by_text.setdefault(plan.prepared.texts[i], []).append(i)
@@ -65,50 +67,74 @@ class _Run:
         return time.perf_counter() - self.start
 
     def fail(self, text: str, reason: str) -> None:
-        for i in self.rows_by_text.get(text, []):
-            self.failures.append({"id": self.plan.prepared.ids[i], "reason": reason,
-                                  "text_preview": text[:PREVIEW_CHARS]})
-        self.bar.update(len(self.rows_by_text.get(text, [])))
+        with self.lock:
+            for i in self.rows_by_text.get(text, []):
+                self.failures.append({"id": self.plan.prepared.ids[i], "reason": reason,
+                                      "text_preview": text[:PREVIEW_CHARS]})
+            self.bar.update(len(self.rows_by_text.get(text, [])))
 
-    def write(self, texts: list[str], vectors: np.ndarray, latency: float) -> None:
-        """Writer thread: store one batch of (text, vector) in the cache, then the table."""
+    def write(self, conn, texts: list[str], vectors: np.ndarray, latency: float) -> None:
+        """Store one batch of (text, vector) in the cache, then its rows in the table."""
         t0 = self.now()
         p = self.plan
         if self.cache is not None and latency >= 0:
             self.cache.put_many([(p.keys[t], v) for t, v in zip(texts, vectors)], route=p.route,
                                 model=p.model, normalized=p.normalized, texts=texts)
         positions = [i for t in texts for i in self.rows_by_text[t]]
-        row_vectors = np.repeat(vectors, [len(self.rows_by_text[t]) for t in texts], axis=0)
-        db.write_rows(self.conn, self.target.table, self.target.id_col, self.target.text_col,
-                      [p.prepared.ids[i] for i in positions],
+        counts = [len(self.rows_by_text[t]) for t in texts]
+        row_vectors = vectors if len(positions) == len(texts) else np.repeat(vectors, counts, axis=0)
+        ids = [p.prepared.ids[i] for i in positions]
+        db.write_rows(conn, self.target.table, self.target.id_col, self.target.text_col, ids,
                       [p.prepared.texts[i] for i in positions], row_vectors,
-                      upsert=self.settings.UPSERT)
-        self.report.rows_written += len(positions)
-        self.write_spans.append((t0, self.now()))
-        self.report.timeline.append([round(self.now(), 3), self.report.rows_written,
-                                     round(latency, 3) if latency >= 0 else None])
-        self.bar.update(len(positions))
+                      upsert=self.settings.UPSERT,
+                      assume_new=not any(i in p.stored_ids for i in ids))
+        with self.lock:
+            self.report.rows_written += len(positions)
+            self.write_spans.append((t0, self.now()))
+            self.report.timeline.append([round(self.now(), 3), self.report.rows_written,
+                                         round(latency, 3) if latency >= 0 else None])
+            self.bar.update(len(positions))
 
-    def write_cached(self, texts: list[str], embed) -> None:
-        """Writer thread: rows whose vectors are cached (re-embeds any entry gone bad)."""
+    def write_cached(self, chunks: list[list[str]], embed) -> None:
+        """Its own thread and connection: rows whose vectors are cached.
+
+        The next chunk is read from the cache while this one is copied to PostgreSQL;
+        an entry that cannot be read back is embedded again.
+        """
+        conn = db.connect(self.settings)
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="cache-read") as reader:
+                pending = reader.submit(self.read_cached, chunks[0])
+                for i in range(len(chunks)):
+                    hit, vectors, lost = pending.result()
+                    if i + 1 < len(chunks):
+                        pending = reader.submit(self.read_cached, chunks[i + 1])
+                    if hit:
+                        self.write(conn, hit, vectors, -1)
+                    if lost:
+                        log.warning("%d cached vectors could not be read back; embedding them",
+                                    len(lost))
+                        self.finish_batch(conn, *embed(lost))
+        finally:
+            conn.close()
+
+    def read_cached(self, texts: list[str]) -> tuple[list[str], np.ndarray | None, list[str]]:
+        """Cached vectors of `texts` as one array: (texts found, vectors, texts lost)."""
         found = self.cache.get_many([self.plan.keys[t] for t in texts])
         hit = [t for t in texts if self.plan.keys[t] in found]
-        if hit:
-            self.write(hit, np.stack([found[self.plan.keys[t]] for t in hit]), latency=-1)
         lost = [t for t in texts if self.plan.keys[t] not in found]
-        if lost:
-            log.warning("%d cached vectors could not be read back; embedding them", len(lost))
-            self.finish_batch(*embed(lost))
+        return hit, np.stack([found[self.plan.keys[t]] for t in hit]) if hit else None, lost
 
-    def finish_batch(self, texts, vectors, failures, latency) -> None:
+    def finish_batch(self, conn, texts, vectors, failures, latency) -> None:
         """Record a batch's failures and write its good vectors."""
         failed = {f.position for f in failures}
         for f in failures:
             self.fail(texts[f.position], f.reason)
         good = [i for i in range(len(texts)) if i not in failed]
         if good:
-            self.texts_embedded += len(good)
-            self.write([texts[i] for i in good], vectors[good], latency)
+            with self.lock:
+                self.texts_embedded += len(good)
+            self.write(conn, [texts[i] for i in good], vectors[good], latency)
 
 
 def _cached_chunks(run: _Run, texts: list[str]):
@@ -147,11 +173,13 @@ def run_plan(plan: Plan, target: Target, *, conn, backend, cache, settings,
         return texts, vectors, failures, run.now() - t0
 
     with ThreadPoolExecutor(concurrency, thread_name_prefix="embed") as pool, \
-            ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
-        # Requests go out first so the server starts at once; the writer thread stores
-        # cached rows meanwhile. The writer is one thread: its jobs finish in order.
-        writes = [writer.submit(run.write_cached, chunk, embed)
-                  for chunk in _cached_chunks(run, cached)]
+            ThreadPoolExecutor(1, thread_name_prefix="write") as writer, \
+            ThreadPoolExecutor(1, thread_name_prefix="write-cached") as side:
+        # Requests go out first so the server starts at once; cached rows are written
+        # meanwhile by their own thread, so they never hold up a finished batch.
+        chunks = list(_cached_chunks(run, cached))
+        side_job = side.submit(run.write_cached, chunks, embed) if chunks else None
+        writes = []
         inflight: dict = {}
         pos = 0
         while pos < len(to_embed) or inflight:
@@ -162,11 +190,11 @@ def run_plan(plan: Plan, target: Target, *, conn, backend, cache, settings,
             done, _ = wait(inflight, return_when=FIRST_COMPLETED)
             for future in done:
                 del inflight[future]
-                writes.append(writer.submit(run.finish_batch, *future.result()))
+                writes.append(writer.submit(run.finish_batch, conn, *future.result()))
             # Back-pressure: hold at most a few finished batches in memory.
             while len(writes) > 2 * concurrency:
                 writes.pop(0).result()
-        for job in writes:
+        for job in writes + ([side_job] if side_job else []):
             job.result()
     run.bar.close()
     return _finish(run, backend, stats_before, failures_dir)

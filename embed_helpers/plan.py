@@ -89,6 +89,7 @@ class Plan:
     to_embed: list[str]           # unique texts to send, in first-seen order
     texts_per_s: float | None = None
     gpu_hourly_usd: float | None = None
+    stored_ids: set[str] = field(default_factory=set)  # ids that had a vector at planning
 
     @property
     def requests(self) -> int:
@@ -150,4 +151,4 @@ def make_plan(prepared: PreparedInput, stored_md5: dict[str, str], *, route: str
     return Plan(prepared=prepared, route=route, model=model, dim=dim, normalized=normalized,
                 batch_size=batch_size, rows_unchanged=unchanged, todo=todo, keys=keys,
                 cached=cached, to_embed=to_embed, texts_per_s=texts_per_s,
-                gpu_hourly_usd=gpu_hourly_usd)
+                gpu_hourly_usd=gpu_hourly_usd, stored_ids=set(stored_md5))

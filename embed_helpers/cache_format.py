@@ -1,0 +1,308 @@
+"""The cache file's format: keys, line encoding, fast checks, scanning, locking.
+
+One JSON object per line, fields in this order (the loader relies on the order to skip a
+full JSON parse; lines in any other layout still load, through `json.loads`):
+
+    {"key", "model", "route", "dim", "normalized", "text_sha256", "variant_sha256",
+     "ts", "vector"}     # vector: base64 of little-endian float32
+"""
+from __future__ import annotations
+
+import binascii
+import fcntl
+import hashlib
+import json
+import os
+import unicodedata
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+#: Bytes read per step when scanning the file: memory stays bounded whatever its size.
+SCAN_CHUNK_BYTES = 8 << 20
+_SEP = "\x1f"
+_PREFIX = b'{"key":"'
+_DIM = b',"dim":'
+_VECTOR = b'"vector":"'
+_HEX = frozenset("0123456789abcdef")
+
+
+def cache_key(route: str, model: str, dim: int, normalized: bool, text: str) -> str:
+    """The sha256 hex key of one text under everything that changes its vector.
+
+    The exact text is hashed: no case folding, no whitespace changes (they can change the
+    vector; `cache_doctor` explains such near misses instead). Fields are joined with
+    U+001F, the ASCII unit separator. A text may contain it, but the text is the last
+    field and route and model may not (ValueError), dim and the flag are digits, so two
+    different field tuples can never join to the same string.
+
+    >>> cache_key("ollama:/api/embed", "nomic-embed-text", 768, True, "hello")[:16]
+    'e3113362d0dc0dcc'
+    >>> cache_key("local", "m", 384, True, "a") == cache_key("local", "m", 384, True, "a ")
+    False
+    """
+    if _SEP in route or _SEP in model:
+        raise ValueError(f"route and model must not contain U+001F: {route!r}, {model!r}")
+    joined = _SEP.join((route, model, str(int(dim)), "1" if normalized else "0", text))
+    return hashlib.sha256(joined.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    """sha256 hex of the exact text: finds it cached under other settings."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def variant_text(text: str) -> str:
+    """The text up to Unicode compatibility form, case and whitespace.
+
+    >>> variant_text("  Café\\u00a0 ＡＢＣ\\n")
+    'café abc'
+    """
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def variant_sha256(text: str) -> str:
+    """sha256 hex of `variant_text`: finds near misses (case, spaces, Unicode form)."""
+    return text_sha256(variant_text(text))
+
+
+def encode_line(key: str, vector: np.ndarray, *, route: str, model: str, normalized: bool,
+                text: str, ts: str) -> bytes:
+    """One cache line (with its newline) in the layout the fast loader expects."""
+    vec = np.ascontiguousarray(vector, dtype="<f4")
+    return b'{"key":"%s","model":%s,"route":%s,"dim":%d,"normalized":%s,"text_sha256":"%s",' \
+           b'"variant_sha256":"%s","ts":"%s","vector":"%s"}\n' % (
+               key.encode(), json.dumps(model).encode(), json.dumps(route).encode(), vec.size,
+               b"true" if normalized else b"false", text_sha256(text).encode(),
+               variant_sha256(text).encode(), ts.encode(),
+               binascii.b2a_base64(vec.tobytes(), newline=False))
+
+
+def _b64len(dim: int) -> int:
+    return 4 * ((4 * dim + 2) // 3)
+
+
+def locate(buf: bytes, p: int, nl: int) -> tuple[int, int, int, int] | None:
+    """(dim, start of the base64, start of `,"dim":`, the comma after the dim) if buf[p:nl]
+    has our layout and consistent lengths.
+
+    A torn line, a line cut and continued by another, or a vector whose length does not
+    match its `dim` all fail here. `,"dim":` cannot occur inside a JSON string (its quotes
+    would be escaped), so the first match is the field.
+    """
+    if nl - p < 100 or not buf.startswith(_PREFIX, p) or buf[p + 72] != 0x22:
+        return None
+    d = buf.find(_DIM, p + 73, nl)
+    if d < 0:
+        return None
+    c = buf.find(b",", d + 7, nl)
+    try:
+        dim = int(buf[d + 7:c])
+    except ValueError:
+        return None
+    v = nl - 2 - _b64len(dim)
+    if dim <= 0 or v - 10 <= c or not buf.startswith(_VECTOR, v - 10) \
+            or not buf.startswith(b'"}', nl - 2):
+        return None
+    return dim, v, d, c
+
+
+def parse_json(line: bytes) -> dict | None:
+    """Slow path for lines in another layout: a dict with a valid key, dim and vector."""
+    try:
+        obj = json.loads(line)
+        key, dim, vec = obj["key"], obj["dim"], obj["vector"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if isinstance(key, str) and len(key) == 64 and set(key) <= _HEX and type(dim) is int \
+            and dim > 0 and isinstance(vec, str) and len(vec) == _b64len(dim):
+        return obj
+    return None
+
+
+def digest_at(buf: bytes, p: int, nl: int) -> bytes | None:
+    """The 32-byte key digest of a well-formed line, else None."""
+    if locate(buf, p, nl) is not None:
+        try:
+            return binascii.a2b_hex(buf[p + 8:p + 72])
+        except binascii.Error:
+            return None
+    obj = parse_json(buf[p:nl])
+    return bytes.fromhex(obj["key"]) if obj else None
+
+
+def vector_at(buf: bytes, p: int, nl: int, key: bytes | None = None) -> np.ndarray | None:
+    """Decode and fully check the vector of buf[p:nl] (its key must be `key` if given)."""
+    loc = locate(buf, p, nl)
+    if loc is not None:
+        dim, v = loc[:2]
+        line_key, b64 = buf[p + 8:p + 72], buf[v:nl - 2]
+    else:
+        obj = parse_json(buf[p:nl])
+        if obj is None:
+            return None
+        line_key, dim, b64 = obj["key"].encode(), obj["dim"], obj["vector"].encode()
+    if key is not None and line_key != key:
+        return None
+    try:
+        raw = binascii.a2b_base64(b64, strict_mode=True)
+    except binascii.Error:
+        return None
+    if len(raw) != 4 * dim:
+        return None
+    vec = np.frombuffer(raw, dtype="<f4").copy()
+    return vec if np.isfinite(vec).all() else None
+
+
+def meta_at(buf: bytes, p: int, nl: int) -> dict | None:
+    """Every field but the vector, for a line whose layout and lengths are valid."""
+    loc = locate(buf, p, nl)
+    if loc is None:
+        obj = parse_json(buf[p:nl])
+        if obj is not None:
+            obj.pop("vector")
+        return obj
+    try:  # the header up to `,"vector":` is itself a JSON object once closed
+        return json.loads(buf[p:loc[1] - 11] + b"}")
+    except ValueError:
+        return None
+
+
+def raw_chunks(fd: int, start: int, end: int) -> Iterator[tuple[int, bytes, int]]:
+    """(file offset of buf, buf, length of its complete lines) over [start, end).
+
+    Each read starts where the last complete line ended (re-reading a partial line is
+    cheaper than joining buffers). A tail without a newline is never yielded.
+    """
+    pos, size = start, SCAN_CHUNK_BYTES
+    while pos < end:
+        buf = os.pread(fd, min(size, end - pos), pos)
+        stop = buf.rfind(b"\n") + 1
+        if not stop:
+            if pos + len(buf) >= end or not buf:
+                return
+            size *= 2  # a line longer than a chunk
+            continue
+        yield pos, buf, stop
+        pos, size = pos + stop, SCAN_CHUNK_BYTES
+
+
+def raw_lines(fd: int, start: int, end: int) -> Iterator[tuple[int, bytes, int, int]]:
+    """(file offset, buffer, start, newline index) of each complete line in [start, end)."""
+    for base, buf, stop in raw_chunks(fd, start, end):
+        p, find = 0, buf.find
+        while (nl := find(b"\n", p, stop)) >= 0:
+            yield base + p, buf, p, nl
+            p = nl + 1
+
+
+_UNHEX = np.full(256, 255, dtype=np.uint8)
+_UNHEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def _bytes_at(arr: np.ndarray, starts: np.ndarray, pattern: bytes) -> np.ndarray:
+    """Which of arr[s:s+len(pattern)], for s in starts, equal pattern."""
+    want = np.frombuffer(pattern, np.uint8)
+    return (arr[starts[:, None] + np.arange(len(want))] == want).all(axis=1)
+
+
+def index_chunk(buf: bytes, stop: int) -> tuple[list[bytes], list[int], list[int], int]:
+    """Index the lines of buf[:stop]: (key digests, their offsets, bad line offsets, longest).
+
+    Vectorised over lines of one length (lines of one model, route and dimension have
+    one length): the checks of `locate` are made once on the first line of each length,
+    then as byte comparisons at the same places on all of them. Lines that fail go
+    through `digest_at` one by one. Offsets are relative to buf.
+    """
+    ends, p, find = [], 0, buf.find
+    while (nl := find(b"\n", p, stop)) >= 0:
+        ends.append(nl)
+        p = nl + 1
+    if not ends:
+        return [], [], [], 0
+    arr, nls = np.frombuffer(buf, np.uint8), np.array(ends, dtype=np.int64)
+    starts = np.concatenate(([0], nls[:-1] + 1))
+    lengths = nls - starts
+    fast = np.zeros(len(nls), dtype=bool)
+    digests = np.zeros((len(nls), 32), dtype=np.uint8)
+    for length in np.unique(lengths[lengths >= 100]):
+        first = int(starts[np.argmax(lengths == length)])
+        loc = locate(buf, first, first + int(length))
+        if loc is None:
+            continue
+        _dim, v, d, c = loc
+        rows = np.flatnonzero(lengths == length)
+        s = starts[rows]
+        ok = _bytes_at(arr, s, _PREFIX) & (arr[s + 72] == 0x22) \
+            & _bytes_at(arr, s + (d - first), buf[d:c + 1]) \
+            & _bytes_at(arr, s + (v - 10 - first), _VECTOR) & _bytes_at(arr, s + length - 2, b'"}')
+        nibbles = _UNHEX[arr[s[:, None] + np.arange(8, 72)]]
+        ok &= (nibbles != 255).all(axis=1)
+        digests[rows] = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+        fast[rows] = ok
+    raw = digests[fast].tobytes()
+    keys = [raw[i:i + 32] for i in range(0, len(raw), 32)]
+    offsets = starts[fast].tolist()
+    bad, slow = [], []
+    for i in np.flatnonzero(~fast).tolist():  # other layouts, and bad lines
+        key = digest_at(buf, int(starts[i]), int(nls[i]))
+        if key is None:
+            bad.append(int(starts[i]))
+        else:
+            slow.append((int(starts[i]), key))
+    if slow:  # keep file order: the last line of a key wins
+        pairs = sorted(list(zip(offsets, keys)) + slow)
+        offsets, keys = [o for o, _ in pairs], [k for _, k in pairs]
+    return keys, offsets, bad, int(lengths.max()) + 1
+
+
+@contextmanager
+def flocked(fd: int, mode: int) -> Iterator[None]:
+    fcntl.flock(fd, mode)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def lock_current(path: Path, flags: int, mode: int = fcntl.LOCK_EX) -> int:
+    """Open `path` and lock it, retrying if a compaction replaced the file meanwhile."""
+    while True:
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, mode)
+        try:
+            if os.path.samestat(os.stat(path), os.fstat(fd)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # closing drops the lock on the replaced file
+
+
+def digest(key: str) -> bytes | None:
+    """The 32 bytes of a sha256 hex key, or None if `key` is not one."""
+    try:
+        raw = bytes.fromhex(key)
+    except (ValueError, TypeError):
+        return None
+    return raw if len(raw) == 32 else None
+
+
+def scan_records(path: Path) -> Iterator[tuple[int, dict | None]]:
+    """(offset, every field but the vector) per line; None for a bad or torn line.
+
+    Reads the file as it is when called (sized under the shared lock) in bounded memory.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with flocked(fd, fcntl.LOCK_SH):
+            size = os.fstat(fd).st_size
+        end = 0
+        for off, buf, p, nl in raw_lines(fd, 0, size):
+            yield off, meta_at(buf, p, nl)
+            end = off + nl - p + 1
+        if end < size:
+            yield end, None
+    finally:
+        os.close(fd)

@@ -1,0 +1,327 @@
+"""A fake embedding server on 127.0.0.1: real wire formats, counted, with faults.
+
+Speaks OpenAI `/v1/embeddings` (float and base64), Ollama `/api/embed` and the
+legacy `/api/embeddings`. Vectors derive from sha256(text), so tests can state
+exactly what they expect. Faults are drawn from a hash of (seed, request body,
+how often that body was seen), so a seeded server fails the same requests
+whatever order concurrent clients send them in.
+
+Run standalone for benchmarks (the server then does not share the client's GIL):
+    python tests/fake_server.py --profile ollama-gpu --dim 768 [--port 0]
+prints "READY http://127.0.0.1:PORT"; GET /_stats gives the counters, POST /_reset clears them.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import random
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+
+OPENAI, EMBED, LEGACY = "/v1/embeddings", "/api/embed", "/api/embeddings"
+ROUTES = (OPENAI, EMBED, LEGACY)
+LEGACY_SCALE = 3.0  # the legacy route's vectors are not unit length: make that visible
+
+
+@lru_cache(maxsize=200_000)
+def _unit(text: str, dim: int) -> np.ndarray:
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    vector = np.random.default_rng(int.from_bytes(digest[:8], "little")).standard_normal(dim)
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
+
+
+def expected_vector(text: str, dim: int, normalized: bool = True) -> np.ndarray:
+    """The float32 vector the fake server returns for `text` (legacy route: normalized=False)."""
+    vector = _unit(text, dim)
+    return vector if normalized else (vector * np.float32(LEGACY_SCALE)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Time a real server takes: per request, per text, `slots` requests at once."""
+
+    per_request_ms: float
+    per_text_ms: float
+    slots: int = 1
+    max_batch: int | None = None
+    rate_429: float = 0.0
+    rate_5xx: float = 0.0
+    retry_after_s: float = 1.0
+
+
+PROFILES = {
+    "ollama-gpu": LatencyModel(12, 1.5, slots=1, max_batch=512),
+    "hosted-api": LatencyModel(250, 0.05, slots=8, rate_429=0.02, retry_after_s=0.5),
+    "flaky": LatencyModel(12, 1.5, slots=1, rate_429=0.2, rate_5xx=0.05, retry_after_s=0.05),
+}
+
+
+class FakeEmbeddingServer:
+    """Context manager serving on http://127.0.0.1:<free port>. Fault knobs are attributes."""
+
+    def __init__(self, dim: int = 384, latency: LatencyModel | None = None, *, seed: int | None = 0,
+                 port: int = 0, **faults):
+        self.dim, self.latency = dim, latency
+        self.seed = random.randrange(2**32) if seed is None else seed
+        self.rate_429 = self.rate_5xx = self.drop_rate = 0.0
+        self.retry_after_s: float | None = 1.0
+        self.retry_after_ms: float | None = None
+        self.slow_s, self.slow_first = 0.0, 0
+        self.poison: set[str] = set()
+        self.max_batch: int | None = None
+        self.legacy_only = self.shuffle_index = self.empty_vectors = False
+        self.wrong_dim: int | None = None
+        self.known_models: set[str] | None = None
+        self.require_key: str | None = None
+        if latency:
+            self.max_batch, self.rate_429, self.rate_5xx = latency.max_batch, latency.rate_429, latency.rate_5xx
+            self.retry_after_s = latency.retry_after_s
+        for name, value in faults.items():
+            if not hasattr(self, name):
+                raise TypeError(f"unknown fault {name!r}")
+            setattr(self, name, value)
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._inflight = 0
+        self._slots = threading.Semaphore(latency.slots if latency else 1_000_000)
+        self.reset()
+        self._httpd = _Server(("127.0.0.1", port), _Handler)
+        self._httpd.fake = self
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self.openai_url = self.url + "/v1"
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ----------------------------------------------------------------
+    def start(self) -> "FakeEmbeddingServer":
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.01,), daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:  # shutdown() waits forever on a server never started
+            self._httpd.shutdown()
+            self._thread = None
+        self._httpd.server_close()
+
+    def __enter__(self) -> "FakeEmbeddingServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- counters -----------------------------------------------------------------
+    def reset(self, wait_s: float = 5.0) -> None:
+        """Zero the counters, after the requests still in flight have finished.
+
+        A killed client leaves its request running here; counting it after the
+        reset would charge the next run for it.
+        """
+        with self._idle:
+            self._idle.wait_for(lambda: self._inflight == 0, timeout=wait_s)
+            self.counts = {route: {"requests": 0, "texts": 0} for route in ROUTES}
+            self.auth_headers: list[str | None] = []
+            self.batch_sizes: list[int] = []
+            self.statuses: dict[int, int] = {}
+            self._seen: dict[str, int] = {}
+
+    def total_requests(self, route: str | None = None) -> int:
+        return sum(c["requests"] for r, c in self.counts.items() if route in (None, r))
+
+    def total_texts(self, route: str | None = None) -> int:
+        return sum(c["texts"] for r, c in self.counts.items() if route in (None, r))
+
+    def _count(self, route: str, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[route][key] += n
+
+    # --- faults -------------------------------------------------------------------
+    def _draws(self, body: bytes) -> random.Random:
+        """Deterministic per (seed, body, attempt): concurrency does not change the faults."""
+        digest = hashlib.sha256(body).hexdigest()
+        with self._lock:
+            attempt = self._seen.get(digest, 0)
+            self._seen[digest] = attempt + 1
+        return random.Random(f"{self.seed}|{digest}|{attempt}")
+
+    def _take_slow(self) -> bool:
+        with self._lock:
+            if self.slow_first > 0:
+                self.slow_first -= 1
+                return True
+            return False
+
+    # --- one request --------------------------------------------------------------
+    def handle(self, req: "_Handler", route: str, raw: bytes) -> None:
+        with self._lock:
+            self._inflight += 1
+        try:
+            self._handle(req, route, raw)
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
+
+    def _handle(self, req: "_Handler", route: str, raw: bytes) -> None:
+        self._count(route, "requests")
+        if route == EMBED and self.legacy_only:  # Go's mux on Ollama < 0.3
+            return req.reply(404, b"404 page not found", "text/plain")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return self.error(req, route, 400, "invalid JSON body")
+        auth = req.headers.get("Authorization")
+        with self._lock:
+            self.auth_headers.append(auth)
+        if self.require_key and auth != f"Bearer {self.require_key}":
+            # Echo the key like a careless proxy would: clients must scrub it.
+            return self.error(req, route, 401, f"Incorrect API key provided: {auth}",
+                              code="invalid_api_key")
+        model = body.get("model", "")
+        if self.known_models is not None and model not in self.known_models:
+            if route == OPENAI:
+                return self.error(req, route, 404, f"The model `{model}` does not exist or you do "
+                                  "not have access to it.", code="model_not_found")
+            return self.error(req, route, 404, f'model "{model}" not found, try pulling it first')
+        texts = body.get("prompt") if route == LEGACY else body.get("input")
+        texts = [texts] if isinstance(texts, str) else list(texts or [])
+        draws = self._draws(raw)
+        if draws.random() < self.drop_rate:
+            req.close_connection = True
+            return None  # no answer: the client sees the connection dropped
+        if draws.random() < self.rate_429:
+            headers = {}
+            if self.retry_after_s is not None:
+                headers["Retry-After"] = f"{self.retry_after_s:g}"
+            if self.retry_after_ms is not None:
+                headers["retry-after-ms"] = f"{self.retry_after_ms:g}"
+            return self.error(req, route, 429, "Rate limit reached, retry later.",
+                              code="rate_limit_exceeded", headers=headers)
+        if draws.random() < self.rate_5xx:
+            return self.error(req, route, draws.choice((500, 502, 503)), "server overloaded")
+        if self._take_slow():
+            time.sleep(self.slow_s)  # past the client's timeout: it has given up by now
+        if self.max_batch is not None and len(texts) > self.max_batch:
+            return self.error(req, route, 413, f"batch size {len(texts)} exceeds the maximum "
+                              f"of {self.max_batch} inputs")
+        bad = [i for i, t in enumerate(texts) if t in self.poison]
+        if bad:
+            names = ", ".join(f"input {i} ({texts[i][:30]!r})" for i in bad)
+            return self.error(req, route, 400, f"cannot embed {names}: forbidden content")
+        if self.latency:
+            with self._slots:
+                time.sleep((self.latency.per_request_ms + self.latency.per_text_ms * len(texts)) / 1000)
+        with self._lock:
+            self.batch_sizes.append(len(texts))
+        self._count(route, "texts", len(texts))
+        req.reply(200, json.dumps(self.answer(route, body, texts, draws)).encode())
+
+    def vector(self, text: str, route: str) -> np.ndarray:
+        if self.empty_vectors:
+            return np.zeros(0, dtype=np.float32)
+        return expected_vector(text, self.wrong_dim or self.dim, normalized=route != LEGACY)
+
+    def answer(self, route: str, body: dict, texts: list[str], draws: random.Random) -> dict:
+        if route == LEGACY:
+            return {"embedding": self.vector(texts[0], route).tolist()}
+        if route == EMBED:
+            return {"model": body.get("model"), "embeddings": [self.vector(t, route).tolist() for t in texts],
+                    "total_duration": 1_000_000, "load_duration": 1000,
+                    "prompt_eval_count": sum(len(t.split()) for t in texts)}
+        b64 = body.get("encoding_format") == "base64"
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(self.vector(t, route).astype("<f4").tobytes()).decode()
+                 if b64 else self.vector(t, route).tolist()} for i, t in enumerate(texts)]
+        if self.shuffle_index:
+            draws.shuffle(data)
+        tokens = sum(len(t.split()) for t in texts)
+        return {"object": "list", "data": data, "model": body.get("model"),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    def error(self, req: "_Handler", route: str, status: int, message: str, *, code: str | None = None,
+              headers: dict | None = None) -> None:
+        if route == OPENAI:
+            kind = "invalid_request_error" if status < 500 else "server_error"
+            payload = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        else:
+            payload = {"error": message}
+        req.reply(status, json.dumps(payload).encode(), headers=headers)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+    fake: FakeEmbeddingServer
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # a client that timed out and hung up (slow_s) is expected, not news
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like real servers
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in two writes: without this, Nagle's algorithm and
+        # delayed ACKs add 40 ms to every response, which would swamp the latency model.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, *args) -> None:  # quiet: tests and benchmarks read stdout
+        pass
+
+    def reply(self, status: int, payload: bytes, content_type: str = "application/json",
+              headers: dict | None = None) -> None:
+        fake = self.server.fake
+        with fake._lock:
+            fake.statuses[status] = fake.statuses.get(status, 0) + 1
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def do_GET(self) -> None:
+        if self.path == "/_stats":
+            return self.reply(200, json.dumps(self.server.fake.counts).encode())
+        self.reply(404, b"404 page not found", "text/plain")
+
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path == "/_reset":
+            self.server.fake.reset()
+            return self.reply(200, b"{}")
+        if self.path not in ROUTES:
+            return self.reply(404, b"404 page not found", "text/plain")
+        self.server.fake.handle(self, self.path, raw)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=None)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    server = FakeEmbeddingServer(args.dim, PROFILES.get(args.profile), seed=args.seed, port=args.port)
+    print(f"READY {server.url}", flush=True)
+    try:
+        server._httpd.serve_forever(0.05)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server._httpd.server_close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The CLI and the notebook as a user runs them: subprocesses, other working directories,
+SIGKILL in the middle of a run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from fake_server import FakeEmbeddingServer, LatencyModel
+
+from embed_helpers import db
+from embed_helpers.cache import EmbeddingCache
+from embed_helpers.constants import NOTEBOOK_PATH, PROJECT_ROOT
+
+
+def cli_env(server, tmp_path, **extra):
+    env = dict(os.environ, EMBEDDING_BACKEND="ollama", OLLAMA_HOST=server.url,
+               EMBED_CACHE_PATH=str(tmp_path / "cache.jsonl"), EMBED_BACKOFF_MS="1",
+               PYTHONPATH=str(PROJECT_ROOT))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def cli(*args, env, cwd):
+    return subprocess.run([sys.executable, "-m", "embed_helpers", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def write_csv(path, n):
+    pd.DataFrame({"pmid": [str(1000 + i) for i in range(n)],
+                  "abstract": [f"clinical abstract {i} about trial {i % 7}" for i in range(n)]}
+                 ).to_csv(path, index=False)
+    return path
+
+
+def count(conn, table):
+    return db.count_rows(conn, table)["rows"]
+
+
+def test_ingest_end_to_end_and_rerun_keeps_the_count(fake_server, tmp_path, conn, table):
+    data = write_csv(tmp_path / "abstracts.csv", 57)
+    env = cli_env(fake_server, tmp_path)
+    args = ("ingest", "--data", str(data), "--id-col", "pmid", "--text-col", "abstract",
+            "--table", table, "--batch-size", "16", "-q")
+    first = cli(*args, env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "57 rows written" in first.stdout and count(conn, table) == 57
+    fake_server.reset()
+    second = cli(*args, env=env, cwd="/")
+    assert second.returncode == 0, second.stderr
+    assert "0 rows written, 57 unchanged" in second.stdout and count(conn, table) == 57
+    assert fake_server.total_texts() == 1  # only the dimension probe
+
+
+def test_failed_rows_give_exit_status_3_and_a_failures_file(tmp_path, conn, table):
+    data = write_csv(tmp_path / "abstracts.csv", 20)
+    with FakeEmbeddingServer(dim=16, poison={"clinical abstract 4 about trial 4"}) as server:
+        result = cli("ingest", "--data", str(data), "--id-col", "pmid", "--text-col", "abstract",
+                     "--table", table, "-q", env=cli_env(server, tmp_path), cwd=tmp_path)
+    assert result.returncode == 3
+    assert "1 rows failed: see" in result.stderr
+    listed = result.stderr.split("see ")[-1].strip()
+    assert [json.loads(line)["id"] for line in open(listed)] == ["1004"]
+    assert count(conn, table) == 19
+
+
+def test_missing_column_is_a_clear_error(fake_server, tmp_path, table):
+    data = write_csv(tmp_path / "abstracts.csv", 3)
+    result = cli("ingest", "--data", str(data), "--id-col", "pmid", "--text-col", "body",
+                 "--table", table, env=cli_env(fake_server, tmp_path), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "'body'" in result.stderr and "pmid, abstract" in result.stderr
+
+
+def test_sigkill_midway_then_rerun_finishes_without_duplicates(tmp_path, conn, table):
+    n, batch = 300, 10
+    data = write_csv(tmp_path / "abstracts.csv", n)
+    with FakeEmbeddingServer(dim=16, latency=LatencyModel(30, 0.5, slots=1)) as server:
+        env = cli_env(server, tmp_path)
+        args = ["-m", "embed_helpers", "ingest", "--data", str(data), "--id-col", "pmid",
+                "--text-col", "abstract", "--table", table, "--batch-size", str(batch), "-q"]
+        proc = subprocess.Popen([sys.executable, *args], env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if db.table_dimension(conn, table) and count(conn, table) >= 60:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        rows_at_kill = count(conn, table)
+        assert 0 < rows_at_kill < n, "the run must be killed midway"
+        sent_before = server.total_texts() - 1  # minus the dimension probe
+        cache = EmbeddingCache(tmp_path / "cache.jsonl")  # loads despite the kill
+        cached_at_kill = len(cache)
+        assert cached_at_kill >= rows_at_kill  # the cache is written before the table
+        assert sent_before - cached_at_kill <= batch  # lost: at most the batch in flight
+        server.reset()
+        rerun = subprocess.run([sys.executable, *args], env=env, cwd=tmp_path,
+                               capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
+        assert server.total_texts() - 1 == n - cached_at_kill  # only what the cache lacked
+    assert count(conn, table) == n
+    with conn.cursor() as cur:
+        cur.execute(f'SELECT count(DISTINCT pmid) FROM "{table}"')
+        assert cur.fetchone()[0] == n
+    conn.rollback()
+
+
+def test_papermill_from_another_directory(fake_server, tmp_path, conn, table):
+    out = tmp_path / "out.ipynb"
+    result = subprocess.run(
+        [sys.executable, "-m", "papermill", str(NOTEBOOK_PATH), str(out), "-p", "EMBED_BATCH_SIZE",
+         "128", "-p", "LIMIT", "12", "-p", "TABLE_NAME", table, "-p", "RUN_REPORT_PATH",
+         str(tmp_path / "report.json")],
+        env=cli_env(fake_server, tmp_path), cwd=tmp_path, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["rows_written"] == 12 and report["batch_size"] == 128
+    assert count(conn, table) == 12
+
+
+def test_run_with_param_and_a_bad_setting_stops_at_step_1(fake_server, tmp_path, table):
+    result = cli("run", "--param", "EMBED_BATCH_SIZE=abc", "--param", f"TABLE_NAME={table}",
+                 "--out", str(tmp_path / "bad.ipynb"), env=cli_env(fake_server, tmp_path),
+                 cwd=tmp_path)
+    assert result.returncode == 1
+    assert "EMBED_BATCH_SIZE" in result.stderr and "whole number" in result.stderr
+
+
+@pytest.mark.parametrize("bad", ["EMBED_BATCH_SIZE", "=3", "not an assignment"])
+def test_run_rejects_malformed_params(bad, tmp_path):
+    result = cli("run", "--param", bad, "--out", str(tmp_path / "x.ipynb"), env=dict(os.environ),
+                 cwd=tmp_path)
+    assert result.returncode == 1 and "NAME=VALUE" in result.stderr
