@@ -2,6 +2,7 @@
 from .backends import REGISTRY as BACKENDS, Backend, get_backend
 from .batching import abatch_embed, batch_embed, chunked
 from .cache import EmbeddingCache
+from .cache_doctor import diagnose, doctor_report
 from .config import Settings, load_settings
 from .db import (connect, count_rows, create_hnsw_index, create_table, drop_table, search,
                  server_info)
@@ -16,7 +17,7 @@ from .workflow import (parity_check, build_rows, clean_raw, load_raw, discover_d
 
 __all__ = [
     "BACKENDS", "Backend", "get_backend", "abatch_embed", "batch_embed", "chunked",
-    "EmbeddingCache", "Settings", "load_settings", "connect", "count_rows",
+    "EmbeddingCache", "diagnose", "doctor_report", "Settings", "load_settings", "connect", "count_rows",
     "create_hnsw_index", "create_table", "search", "server_info", "BackendError",
     "ConfigError", "DataError", "EmbedHelpersError", "EmbeddingFailures",
     "EmbeddingValidationError", "Target", "run_plan", "Plan", "prepare_input", "RunReport", "resolve_path", "default_report_path", "plot_timeline", "drop_table", "parity_check",

@@ -12,6 +12,7 @@ import pandas as pd
 
 from . import data, db
 from .backends import Backend, get_backend
+from .batching import embed_resilient
 from .cache import EmbeddingCache
 from .config import Settings
 from .constants import RUNS_DIR
@@ -114,10 +115,12 @@ def plan_ingest(df: pd.DataFrame, *, id_col: str, text_col: str, table: str,
             and settings.EMBED_EXPECTED_TEXTS_PER_S is None and cache is not None:
         sample = plan.to_embed[:batch_size]
         t0 = time.perf_counter()
-        vectors = backend.embed_batch(sample)
+        vectors, failures = embed_resilient(backend, sample, expected_dim=dim)
         elapsed = time.perf_counter() - t0
-        cache.put_many([(plan.keys[t], v) for t, v in zip(sample, vectors)], route=backend.route,
-                       model=backend.model, normalized=backend.normalized, texts=sample)
+        good = sorted(set(range(len(sample))) - {f.position for f in failures})
+        cache.put_many([(plan.keys[sample[i]], vectors[i]) for i in good], route=backend.route,
+                       model=backend.model, normalized=backend.normalized,
+                       texts=[sample[i] for i in good])
         plan = build()
         plan.texts_per_s = len(sample) / elapsed if elapsed > 0 else None
     return plan

@@ -186,3 +186,21 @@ def test_plan_counts_against_a_known_data_set(fake_server, make_settings, conn, 
 def test_nul_bytes_are_reported_not_sent(run, conn, table):
     report = run(pd.DataFrame({"id": ["a", "b"], "text": ["fine", "bad\x00text"]}))
     assert report.rows_failed == 1 and report.rows_written == 1
+
+
+def test_plan_probe_times_one_batch_and_keeps_its_vectors(fake_server, make_settings, conn,
+                                                          table, run):
+    settings = make_settings(EMBEDDING_BACKEND="ollama", OLLAMA_HOST=fake_server.url,
+                             EMBED_BATCH_SIZE=10, GPU_HOURLY_USD=3.0)
+    fake_server.poison = {"abstract number 3"}
+    from embed_helpers import db as _db
+    _db.create_table(conn, table, "id", "text", DIM)
+    with get_backend(settings) as backend:
+        plan = plan_ingest(frame(25), id_col="id", text_col="text", table=table,
+                           settings=settings, conn=conn, backend=backend,
+                           cache=open_cache(settings), dim=DIM, probe=True)
+    assert plan.texts_per_s and plan.est_cost_usd is not None
+    assert len(plan.cached) == 9 and len(plan.to_embed) == 16  # the poison text stays to embed
+    fake_server.reset()
+    report = run(frame(25))
+    assert report.cache_hits == 9 and report.texts_embedded == 15 and report.rows_failed == 1

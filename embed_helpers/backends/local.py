@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -39,8 +40,10 @@ class LocalBackend(Backend):
         model = settings.LOCAL_EMBED_MODEL
         source = str(bundled_model_path()) if model == LOCAL_MODEL_DEFAULT else model
         import torch  # note: imported here only, it costs seconds
-        from sentence_transformers import SentenceTransformer
-        from transformers.utils import logging as hf_logging
+        with warnings.catch_warnings():  # tqdm warns about ipywidgets inside notebooks
+            warnings.simplefilter("ignore")
+            from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a weights bar per load adds nothing to a run's output
 
