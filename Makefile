@@ -9,7 +9,6 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): requirements.txt requirements-local.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -qq --upgrade pip
 	$(PY) -m pip install -qq -r requirements.txt -r requirements-local.txt
 	$(PY) -m pip install -qq --no-deps --no-build-isolation -e . || $(PY) -m pip install -qq --no-deps -e .
 	touch $(STAMP)

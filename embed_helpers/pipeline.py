@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from . import db
 from .batching import BatchSizer, embed_resilient
+from .cache import cache_key
 from .constants import PREVIEW_CHARS, RUNS_DIR, WRITE_CHUNK_ROWS
 from .plan import Plan
 from .report import RunReport
@@ -41,8 +42,9 @@ class Target:
 class _Run:
     """State of one ingestion: the plan, the report, and the rows left per text."""
 
-    def __init__(self, plan: Plan, target: Target, conn, cache, settings, progress):
+    def __init__(self, plan: Plan, target: Target, conn, backend, cache, settings, progress):
         self.plan, self.target, self.conn, self.cache = plan, target, conn, cache
+        self.backend = backend
         self.settings = settings
         self.start = time.perf_counter()
         self.request_spans: list[tuple[float, float]] = []
@@ -78,8 +80,13 @@ class _Run:
         t0 = self.now()
         p = self.plan
         if self.cache is not None and latency >= 0:
-            self.cache.put_many([(p.keys[t], v) for t, v in zip(texts, vectors)], route=p.route,
-                                model=p.model, normalized=p.normalized, texts=texts)
+            # An old Ollama makes the backend fall back to its legacy route mid-run: key the
+            # vectors by the route that really made them.
+            route, normalized = self.backend.route, self.backend.normalized
+            keys = [p.keys[t] if route == p.route else cache_key(route, p.model, p.dim, normalized, t)
+                    for t in texts]
+            self.cache.put_many(list(zip(keys, vectors)), route=route, model=p.model,
+                                normalized=normalized, texts=texts)
         positions = [i for t in texts for i in self.rows_by_text[t]]
         counts = [len(self.rows_by_text[t]) for t in texts]
         row_vectors = vectors if len(positions) == len(texts) else np.repeat(vectors, counts, axis=0)
@@ -153,7 +160,7 @@ def _cached_chunks(run: _Run, texts: list[str]):
 def run_plan(plan: Plan, target: Target, *, conn, backend, cache, settings,
              progress: bool = True, failures_dir: Path = RUNS_DIR) -> RunReport:
     """Carry out a plan: embed what is missing, write what changed. Returns the report."""
-    run = _Run(plan, target, conn, cache, settings, progress)
+    run = _Run(plan, target, conn, backend, cache, settings, progress)
     sizer = BatchSizer(plan.batch_size)
     concurrency = settings.EMBED_MAX_CONCURRENCY
     stats_before = backend.stats() if backend is not None else {}

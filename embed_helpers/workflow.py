@@ -16,7 +16,7 @@ from .batching import embed_resilient
 from .cache import EmbeddingCache
 from .config import Settings
 from .constants import RUNS_DIR
-from .errors import ConfigError, EmbeddingValidationError
+from .errors import ConfigError
 from .pipeline import Target, run_plan
 from .plan import Plan, make_plan, prepare_input
 from .report import RunReport
@@ -76,23 +76,21 @@ def open_cache(settings: Settings) -> EmbeddingCache:
 
 def discover_dimension(settings: Settings, backend: Backend, conn=None,
                        table: str | None = None) -> int:
-    """Step 6: the dimension the backend really returns, checked against EMBEDDING_DIM.
+    """Step 6: the dimension of the vectors, without paying for a request when it is known.
 
-    In cache-only mode nothing is sent: EMBEDDING_DIM or the table's dimension is used.
+    EMBEDDING_DIM when set, else the existing table's dimension, else one probe request.
+    Every batch is checked against it before anything is written, so a wrong
+    EMBEDDING_DIM stops the run at its first batch with a message saying what to set.
     """
+    if settings.EMBEDDING_DIM:
+        return settings.EMBEDDING_DIM
+    known = db.table_dimension(conn, table) if conn is not None and table else None
+    if known:
+        return known
     if settings.EMBED_CACHE_ONLY:
-        dim = settings.EMBEDDING_DIM or (db.table_dimension(conn, table) if conn and table else None)
-        if not dim:
-            raise ConfigError("EMBEDDING_DIM", "is needed with EMBED_CACHE_ONLY=1 when the table "
-                                               "does not exist yet (no probe request is sent).")
-        return dim
-    dim = int(backend.embed_batch([PROBE_TEXT]).shape[1])
-    if settings.EMBEDDING_DIM and dim != settings.EMBEDDING_DIM:
-        raise EmbeddingValidationError(
-            f"{settings.EMBEDDING_BACKEND} model {backend.model!r} returns {dim} dimensions but "
-            f"EMBEDDING_DIM={settings.EMBEDDING_DIM}. Set EMBEDDING_DIM={dim} (and use a table "
-            "made for it), or choose the model that gives the dimension you expect.")
-    return dim
+        raise ConfigError("EMBEDDING_DIM", "is needed with EMBED_CACHE_ONLY=1 when the table "
+                                           "does not exist yet (no probe request is sent).")
+    return int(backend.embed_batch([PROBE_TEXT]).shape[1])
 
 
 def plan_ingest(df: pd.DataFrame, *, id_col: str, text_col: str, table: str,

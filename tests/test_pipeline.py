@@ -57,7 +57,7 @@ def test_rerun_of_unchanged_data_sends_and_writes_nothing(run, fake_server):
     run(frame(40))
     fake_server.reset()
     report = run(frame(40))
-    assert fake_server.total_texts() == 1  # the dimension probe only
+    assert fake_server.total_requests() == 0  # the table knows the dimension: no probe
     assert report.rows_unchanged == 40 and report.rows_written == 0 and report.requests == 0
 
 
@@ -138,7 +138,7 @@ def test_second_run_into_a_new_table_is_served_by_the_cache(run, fake_server, co
     fake_server.reset()
     report = run(frame(60))
     assert report.cache_hits == 60 and report.cache_misses == 0 and report.cache_hit_rate == 1.0
-    assert fake_server.total_texts() == 1  # the dimension probe only
+    assert fake_server.total_requests() == 0
     assert len(stored(conn, table)) == 60
 
 
@@ -204,3 +204,27 @@ def test_plan_probe_times_one_batch_and_keeps_its_vectors(fake_server, make_sett
     fake_server.reset()
     report = run(frame(25))
     assert report.cache_hits == 9 and report.texts_embedded == 15 and report.rows_failed == 1
+
+
+def test_legacy_ollama_vectors_are_keyed_by_the_legacy_route(run, fake_server, conn, table):
+    fake_server.legacy_only = True
+    report = run(frame(6), EMBEDDING_DIM=DIM)  # no probe: the first batch finds the old server
+    assert report.rows_written == 6
+    vectors = {r[0]: r[2].to_numpy() for r in stored(conn, table)}
+    assert np.allclose(vectors["r1"], expected_vector("abstract number 1", DIM, normalized=False))
+    with conn.cursor() as cur:
+        cur.execute(f'TRUNCATE "{table}"')
+    conn.commit()
+    fake_server.reset()
+    again = run(frame(6), EMBEDDING_DIM=DIM)  # a new backend: /api/embed keys miss at planning
+    assert again.rows_written == 6 and again.texts_embedded == 6
+
+
+def test_model_with_another_dimension_than_the_table_stops_before_writing(run, fake_server,
+                                                                         conn, table):
+    run(frame(3))
+    fake_server.wrong_dim = 48
+    from embed_helpers.errors import EmbeddingValidationError
+    with pytest.raises(EmbeddingValidationError, match=r"48-dim.*existing table"):
+        run(frame(3, start=10))
+    assert len(stored(conn, table)) == 3
