@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from .errors import EmbedHelpersError
 
@@ -35,7 +36,9 @@ def _prepare(args):
     from .workflow import discover_dimension, open_cache
 
     settings = _settings(args)
-    df, id_col, text_col = load_input(args.data, args.id_col, args.text_col, args.limit)
+    # A shell user means a path from where they stand; otherwise from the project root.
+    data = Path(args.data).resolve() if Path(args.data).exists() else args.data
+    df, id_col, text_col = load_input(data, args.id_col, args.text_col, args.limit)
     table = args.table or ("patient_embeddings" if id_col == "patient_id" else "embeddings")
     conn = db.connect(settings)
     backend = get_backend(settings)
@@ -121,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.set_defaults(func=func)
         p.add_argument("--data", default="data/sample/synthea",
-                       help="Synthea folder or CSV file (relative: from the project root)")
+                       help="Synthea folder or CSV file (relative: from here, else the project root)")
         p.add_argument("--id-col", help="id column of a CSV")
         p.add_argument("--text-col", help="text column of a CSV")
         p.add_argument("--table", help="target table (default patient_embeddings / embeddings)")

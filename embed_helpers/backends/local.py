@@ -34,10 +34,16 @@ class LocalBackend(Backend):
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
+        self._model = None
+        self.device = None
+        self._requests = 0
+
+    def _load(self):
+        """Load on first use: a rerun with nothing to embed never pays for torch."""
         # Never reach for a model hub: the model is on disk or it is an error.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        model = settings.LOCAL_EMBED_MODEL
+        model = self.settings.LOCAL_EMBED_MODEL
         source = str(bundled_model_path()) if model == LOCAL_MODEL_DEFAULT else model
         import torch  # note: imported here only, it costs seconds
         with warnings.catch_warnings():  # tqdm warns about ipywidgets inside notebooks
@@ -46,13 +52,13 @@ class LocalBackend(Backend):
             from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a weights bar per load adds nothing to a run's output
-
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         log.info("loading %s on %s", source, self.device)
         self._model = SentenceTransformer(source, device=self.device)
-        self._requests = 0
 
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
+        if self._model is None:
+            self._load()
         self._requests += 1
         vectors = self._model.encode(list(texts), batch_size=max(len(texts), 1),
                                      normalize_embeddings=True, convert_to_numpy=True,
