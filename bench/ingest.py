@@ -84,8 +84,9 @@ def reset_server(url: str) -> None:
 
 
 def env_for(url: str, settings: dict, cache: Path) -> dict:
+    # EMBEDDING_DIM as a user's .env would have it: no probe request before the run.
     env = dict(os.environ, OLLAMA_HOST=url, OPENAI_BASE_URL=url + "/v1", OPENAI_API_KEY="bench-key",
-               EMBED_CACHE_PATH=str(cache), PYTHONPATH=str(ROOT))
+               EMBED_CACHE_PATH=str(cache), PYTHONPATH=str(ROOT), EMBEDDING_DIM=str(DIM))
     env.update({k: str(v) for k, v in settings.items()})
     return env
 
@@ -152,7 +153,7 @@ def profile_table(name: str, csv_all: Path, work: Path, conn) -> list[list]:
             stored = db.count_rows(conn, table)["rows"]
             ratio = f"{wall / least:.2f}x" if "cold" in label else ""
             rows.append([name, label, f"{wall:.2f}", f"{report['wall_s']:.2f}",
-                         counts["requests"] - 1, report["texts_embedded"], stored, ratio])
+                         counts["requests"], report["texts_embedded"], stored, ratio])
         rows.append([name, "least possible (server model)", f"{least:.2f}", "", "", n, "", "1.00x"])
     finally:
         proc.terminate()

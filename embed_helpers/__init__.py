@@ -1,27 +1,40 @@
-"""embed-helpers: text rows into PostgreSQL/pgvector as embeddings, fast, cheaply, losing nothing."""
-from .backends import REGISTRY as BACKENDS, Backend, get_backend
-from .batching import abatch_embed, batch_embed, chunked
-from .cache import EmbeddingCache
-from .cache_doctor import diagnose, doctor_report
-from .config import Settings, load_settings
-from .db import (connect, count_rows, create_hnsw_index, create_table, drop_table, search,
-                 server_info)
-from .errors import (BackendError, ConfigError, DataError, EmbedHelpersError,
-                     EmbeddingFailures, EmbeddingValidationError)
-from .pipeline import Target, run_plan
-from .plan import Plan, prepare_input
-from .data import resolve_path
-from .report import RunReport, default_report_path, plot_timeline
-from .workflow import (parity_check, build_rows, clean_raw, load_raw, discover_dimension, ingest, ingest_per_row, open_cache, plan_ingest,
-                       semantic_search)
+"""embed-helpers: text rows into PostgreSQL/pgvector as embeddings, fast, cheaply, losing nothing.
 
-__all__ = [
-    "BACKENDS", "Backend", "get_backend", "abatch_embed", "batch_embed", "chunked",
-    "EmbeddingCache", "diagnose", "doctor_report", "Settings", "load_settings", "connect", "count_rows",
-    "create_hnsw_index", "create_table", "search", "server_info", "BackendError",
-    "ConfigError", "DataError", "EmbedHelpersError", "EmbeddingFailures",
-    "EmbeddingValidationError", "Target", "run_plan", "Plan", "prepare_input", "RunReport", "resolve_path", "default_report_path", "plot_timeline", "drop_table", "parity_check",
-    "load_raw", "clean_raw", "build_rows", "discover_dimension", "ingest", "ingest_per_row", "open_cache", "plan_ingest",
-    "semantic_search",
-]
+The public names below are re-exported lazily (PEP 562): `python -m embed_helpers` and a
+warm rerun start in well under a second because pandas, matplotlib and torch are imported
+only by the steps that use them.
+"""
+import importlib
 
+_EXPORTS = {
+    "backends": ["Backend", "get_backend"],
+    "batching": ["abatch_embed", "batch_embed", "chunked"],
+    "cache": ["EmbeddingCache"],
+    "cache_doctor": ["diagnose", "doctor_report"],
+    "config": ["Settings", "load_settings"],
+    "data": ["resolve_path"],
+    "db": ["connect", "count_rows", "create_hnsw_index", "create_table", "drop_table", "search",
+           "server_info"],
+    "errors": ["BackendError", "ConfigError", "DataError", "EmbedHelpersError",
+               "EmbeddingFailures", "EmbeddingValidationError"],
+    "pipeline": ["Target", "run_plan"],
+    "plan": ["Plan", "prepare_input"],
+    "report": ["RunReport", "default_report_path", "plot_timeline"],
+    "workflow": ["RawInput", "build_rows", "clean_raw", "discover_dimension", "ingest",
+                 "ingest_per_row", "load_raw", "open_cache", "parity_check", "plan_ingest",
+                 "semantic_search"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'embed_helpers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

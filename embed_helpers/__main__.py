@@ -1,5 +1,8 @@
 import sys
+import time
 
-from .cli import main
+STARTED = time.perf_counter()  # before any import of ours: the CLI reports time from here
 
-sys.exit(main())
+from .cli import main  # noqa: E402
+
+sys.exit(main(started=STARTED))

@@ -28,23 +28,34 @@ def _settings(args):
     return load_settings(overrides)
 
 
+def _load(data, args):
+    """Steps 3-5: a plain CSV through the csv module (no pandas to import), else Synthea."""
+    from .constants import PROJECT_ROOT
+    path = Path(data) if Path(data).is_absolute() else PROJECT_ROOT / data
+    if path.is_file() and args.id_col and args.text_col:
+        from .csv_rows import read_csv_columns
+        return read_csv_columns(path, args.id_col, args.text_col, args.limit), args.id_col, \
+            args.text_col
+    from .data import load_input
+    return load_input(path, args.id_col, args.text_col, args.limit)
+
+
 def _prepare(args):
     """Steps 1-7 shared by `ingest` and `plan`: settings, data, backend, dimension, table."""
     from . import db
     from .backends import get_backend
-    from .data import load_input
     from .workflow import discover_dimension, open_cache
 
     settings = _settings(args)
     # A shell user means a path from where they stand; otherwise from the project root.
     data = Path(args.data).resolve() if Path(args.data).exists() else args.data
-    df, id_col, text_col = load_input(data, args.id_col, args.text_col, args.limit)
+    df, id_col, text_col = _load(data, args)
     table = args.table or ("patient_embeddings" if id_col == "patient_id" else "embeddings")
     conn = db.connect(settings)
     backend = get_backend(settings)
     cache = open_cache(settings)
-    print(f"input {args.data}: {len(df)} rows; table {table}; backend {settings.EMBEDDING_BACKEND}"
-          f" ({backend.model}); cache {cache.path} ({len(cache)} entries)")
+    print(f"input {args.data}: {len(df[id_col])} rows; table {table}; backend "
+          f"{settings.EMBEDDING_BACKEND} ({backend.model}); cache {cache.path} ({len(cache)} entries)")
     dim = discover_dimension(settings, backend, conn, table)
     db.create_table(conn, table, id_col, text_col, dim)
     return settings, df, id_col, text_col, table, conn, backend, cache, dim
@@ -55,7 +66,6 @@ def cmd_ingest(args) -> int:
     from .pipeline import Target, run_plan
     from .workflow import plan_ingest
 
-    start = time.perf_counter()
     settings, df, id_col, text_col, table, conn, backend, cache, dim = _prepare(args)
     plan = plan_ingest(df, id_col=id_col, text_col=text_col, table=table, settings=settings,
                        conn=conn, backend=backend, cache=cache, dim=dim)
@@ -64,7 +74,7 @@ def cmd_ingest(args) -> int:
     if not args.no_index and db.create_hnsw_index(conn, table, dim):
         print(f"built the HNSW index on {table}")
     print("\n".join(report.summary_lines()))
-    print(f"total {time.perf_counter() - start:.2f} s (start-up included)")
+    print(f"total {time.perf_counter() - args.started:.2f} s (start-up included)")
     if args.report:
         report.save(args.report)
     if report.rows_failed:
@@ -86,14 +96,13 @@ def cmd_plan(args) -> int:
 def cmd_run(args) -> int:
     from .notebook import run_notebook
 
-    start = time.perf_counter()
     path, report = run_notebook(args.param, args.out)
     print(f"executed notebook: {path}")
     if report:
         print(f"rows written {report['rows_written']}, texts embedded {report['texts_embedded']}, "
               f"cache hits {report['cache_hits']}, rows unchanged {report['rows_unchanged']}, "
               f"failed {report['rows_failed']}")
-    print(f"seconds: {time.perf_counter() - start:.1f}")
+    print(f"seconds: {time.perf_counter() - args.started:.1f}")
     return EXIT_ROWS_FAILED if report and report["rows_failed"] else 0
 
 
@@ -152,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv=None, started: float | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.started = started or time.perf_counter()
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -11,8 +11,6 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-import pandas as pd
-
 from .cache import cache_key
 from .errors import DataError
 
@@ -30,41 +28,49 @@ class PreparedInput:
     duplicate_ids: int = 0
 
 
-def prepare_input(df: pd.DataFrame, id_col: str, text_col: str) -> PreparedInput:
+def _missing(value) -> bool:
+    """None, NaN (pandas' missing) or a text that is empty once stripped."""
+    return value is None or value != value or (isinstance(value, str) and not value.strip())
+
+
+def prepare_input(df, id_col: str, text_col: str) -> PreparedInput:
     """Drop empty texts (listing their ids) and resolve duplicate ids (last one wins).
 
-    >>> df = pd.DataFrame({"id": ["a", "b", "a", "c"], "t": ["x", " ", "y", None]})
-    >>> p = prepare_input(df, "id", "t")
+    `df` is a pandas DataFrame or any mapping of column name to values.
+
+    >>> p = prepare_input({"id": ["a", "b", "a", "c"], "t": ["x", " ", "y", None]}, "id", "t")
     >>> p.ids, p.texts, p.empty_ids, p.duplicate_ids
     (['a'], ['y'], ['b', 'c'], 1)
     """
-    missing = [c for c in (id_col, text_col) if c not in df.columns]
+    columns = [str(c) for c in (df.columns if hasattr(df, "columns") else df)]
+    missing = [c for c in (id_col, text_col) if c not in columns]
     if missing:
         raise DataError(f"Column(s) {', '.join(map(repr, missing))} not in the input. "
-                        f"Columns that exist: {', '.join(map(str, df.columns))}. "
+                        f"Columns that exist: {', '.join(columns)}. "
                         "Set ID_COL / TEXT_COL (or --id-col / --text-col).")
-    rows_read = len(df)
-    frame = df[[id_col, text_col]]
-    no_id = frame[id_col].isna()
-    if no_id.any():
-        rows = [str(i) for i in frame.index[no_id][:10]]
-        raise DataError(f"{int(no_id.sum())} row(s) have no id in {id_col!r} (rows {', '.join(rows)}"
-                        f"{' ...' if no_id.sum() > 10 else ''}). Every row needs an id: fix the "
-                        "input or choose another ID_COL.")
-    ids = frame[id_col].astype(str)
-    texts = frame[text_col]
-    empty = texts.isna() | (texts.astype(str).str.strip() == "")
-    empty_ids = ids[empty].tolist()
+    ids, texts = list(df[id_col]), list(df[text_col])
+    no_id = [row for row, value in enumerate(ids) if value is None or value != value]
+    if no_id:
+        shown = ", ".join(map(str, no_id[:10])) + (" ..." if len(no_id) > 10 else "")
+        raise DataError(f"{len(no_id)} row(s) have no id in {id_col!r} (rows {shown}). Every row "
+                        "needs an id: fix the input or choose another ID_COL.")
+    last: dict[str, str] = {}   # id -> text; re-inserting moves a repeated id to its last place
+    empty_ids, kept = [], 0
+    for row_id, text in zip(map(str, ids), texts):
+        if _missing(text):
+            empty_ids.append(row_id)
+            continue
+        kept += 1
+        last.pop(row_id, None)
+        last[row_id] = str(text)
     if empty_ids:
         log.warning("%d rows with empty text are not sent (ids: %s%s)", len(empty_ids),
                     ", ".join(empty_ids[:5]), " ..." if len(empty_ids) > 5 else "")
-    kept = pd.DataFrame({"id": ids[~empty], "text": texts[~empty].astype(str)})
-    deduped = kept.drop_duplicates("id", keep="last")
-    duplicates = len(kept) - len(deduped)
+    duplicates = kept - len(last)
     if duplicates:
         log.warning("%d rows repeat an id already seen; the last one of each id wins", duplicates)
-    return PreparedInput(ids=deduped["id"].tolist(), texts=deduped["text"].tolist(),
-                         rows_read=rows_read, empty_ids=empty_ids, duplicate_ids=duplicates)
+    return PreparedInput(ids=list(last), texts=list(last.values()), rows_read=len(ids),
+                         empty_ids=empty_ids, duplicate_ids=duplicates)
 
 
 def text_md5(text: str) -> str:

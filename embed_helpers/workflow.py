@@ -6,11 +6,11 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
-from . import data, db
+from . import db
 from .backends import Backend, get_backend
 from .batching import embed_resilient
 from .cache import EmbeddingCache
@@ -20,6 +20,9 @@ from .errors import ConfigError
 from .pipeline import Target, run_plan
 from .plan import Plan, make_plan, prepare_input
 from .report import RunReport
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ class RawInput:
 def load_raw(path, id_col: str | None = None, text_col: str | None = None,
              limit: int | None = None) -> RawInput:
     """Step 3: a Synthea folder (first `limit` patients) or a CSV file (first `limit` rows)."""
+    from . import data  # pandas: only for Steps 3-5, never for a CSV ingest from the CLI
+
     folder = data.resolve_path(path)
     if folder.is_dir():
         tables = data.load_synthea(folder)
@@ -57,6 +62,7 @@ def clean_raw(raw: RawInput) -> RawInput:
     """Step 4: Synthea tables cleaned (dates, whitespace, unknown patients); CSV as is."""
     if raw.as_of is None:
         return raw
+    from . import data
     return RawInput(data.clean_synthea(raw.tables), raw.id_col, raw.text_col, raw.as_of)
 
 
@@ -64,6 +70,7 @@ def build_rows(raw: RawInput) -> tuple[pd.DataFrame, str, str]:
     """Step 5: one (id, text) row per patient or per CSV row."""
     if raw.as_of is None:
         return raw.tables["rows"], raw.id_col, raw.text_col
+    from . import data
     return data.build_contexts(raw.tables, as_of=raw.as_of), raw.id_col, raw.text_col
 
 
