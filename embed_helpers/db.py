@@ -17,7 +17,7 @@ from psycopg2 import sql
 from psycopg2.extras import execute_values
 
 from .config import Settings, mask_url
-from .constants import HNSW_MAX_VECTOR_DIM, INDEX_MAINTENANCE_WORK_MEM, LOOKUP_CHUNK_IDS
+from .constants import DEFAULT_PGDATA, HNSW_MAX_VECTOR_DIM, INDEX_MAINTENANCE_WORK_MEM, LOOKUP_CHUNK_IDS
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -63,13 +63,16 @@ def ensure_vector_extension(conn) -> None:
 
 
 def server_info(conn) -> dict:
-    """PostgreSQL and pgvector versions, for Step 2 and the report."""
+    """Where the server is, and its PostgreSQL and pgvector versions (Step 2)."""
     with conn.cursor() as cur:
         cur.execute("SELECT current_setting('server_version'), "
                     "(SELECT extversion FROM pg_extension WHERE extname = 'vector')")
         pg, vector = cur.fetchone()
     conn.rollback()
-    return {"postgresql": pg, "pgvector": vector}
+    info = conn.info
+    where = "embedded, data in .pgdata/" if info.host == str(DEFAULT_PGDATA) else \
+        f"{info.host}:{info.port}/{info.dbname}"
+    return {"server": where, "postgresql": pg, "pgvector": vector}
 
 
 def table_dimension(conn, table: str) -> int | None:

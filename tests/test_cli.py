@@ -18,6 +18,7 @@ from embed_helpers.constants import NOTEBOOK_PATH, PROJECT_ROOT
 
 def cli_env(server, tmp_path, **extra):
     env = dict(os.environ, EMBEDDING_BACKEND="ollama", OLLAMA_HOST=server.url,
+               OPENAI_BASE_URL=server.openai_url, OPENAI_API_KEY="sk-test-key-0123456789",
                EMBED_CACHE_PATH=str(tmp_path / "cache.jsonl"), EMBED_BACKOFF_MS="1",
                PYTHONPATH=str(PROJECT_ROOT))
     env.update({k: str(v) for k, v in extra.items()})
@@ -40,9 +41,10 @@ def count(conn, table):
     return db.count_rows(conn, table)["rows"]
 
 
-def test_ingest_end_to_end_and_rerun_keeps_the_count(fake_server, tmp_path, conn, table):
+@pytest.mark.parametrize("backend", ["ollama", "llm_api"])
+def test_ingest_end_to_end_and_rerun_keeps_the_count(fake_server, tmp_path, conn, table, backend):
     data = write_csv(tmp_path / "abstracts.csv", 57)
-    env = cli_env(fake_server, tmp_path)
+    env = cli_env(fake_server, tmp_path, EMBEDDING_BACKEND=backend)
     args = ("ingest", "--data", str(data), "--id-col", "pmid", "--text-col", "abstract",
             "--table", table, "--batch-size", "16", "-q")
     first = cli(*args, env=env, cwd=tmp_path)
@@ -122,6 +124,26 @@ def test_papermill_from_another_directory(fake_server, tmp_path, conn, table):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["rows_written"] == 12 and report["batch_size"] == 128
     assert count(conn, table) == 12
+
+
+def test_notebook_twice_second_step_9b_is_all_cache_hits(fake_server, tmp_path, conn, table):
+    def run_notebook(*params):
+        done = cli("run", "--param", "LIMIT=8", "--param", f"TABLE_NAME={table}", *params,
+                   "--out", str(tmp_path / "out.ipynb"), env=cli_env(fake_server, tmp_path),
+                   cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads((tmp_path / "out.report.json").read_text()), done.stdout
+
+    first, _ = run_notebook()
+    # Step 8's timing probe already embedded (and cached) the first batch
+    assert first["rows_written"] == 8 and first["texts_embedded"] + first["cache_hits"] == 8
+    fake_server.reset()
+    second, stdout = run_notebook("--param", "RESET_TABLE=True")  # table dropped: cache only
+    assert second["cache_hits"] == 8 and second["cache_hit_rate"] == 1.0
+    assert second["rows_written"] == 8 and second["texts_embedded"] == 0
+    assert second["requests"] == 0  # Step 9b sent nothing (Verification's searches do send)
+    assert fake_server.total_texts() == 3 + 11  # 3 search queries, the parity check's 5 + 1 + 5
+    assert "cache hits 8" in stdout and "executed notebook:" in stdout
 
 
 def test_run_with_param_and_a_bad_setting_stops_at_step_1(fake_server, tmp_path, table):
