@@ -78,6 +78,18 @@ def server_counts(url: str) -> dict:
             "texts": sum(c["texts"] for c in counts.values())}
 
 
+def server_idle(url: str) -> str:
+    """Share of the time between the server's first and last request when it had no work."""
+    import requests
+
+    from embed_helpers.report import merge_intervals
+    busy = [tuple(span) for span in requests.get(url + "/_busy", timeout=5).json()]
+    if len(busy) < 2:
+        return ""
+    span = max(e for _, e in busy) - min(s for s, _ in busy)
+    return f"{1 - merge_intervals(busy) / span:.1%}"
+
+
 def reset_server(url: str) -> None:
     import requests
     requests.post(url + "/_reset", timeout=5)
@@ -132,12 +144,13 @@ def profile_table(name: str, csv_all: Path, work: Path, conn) -> list[list]:
         if step9_rows:
             db.drop_table(conn, table + "_step9")
             measured = min(step9_rows, n)
+            reset_server(url)
             wall, written = step9(csv, measured, table + "_step9", url, settings, conn)
             scaled = wall * n / measured
             label = "Step 9 (per row)" if measured == n else \
                 f"Step 9 (per row; {measured} rows measured, time scaled to {n})"
             rows.append([name, label, "", f"{scaled:.2f}", measured, measured, written,
-                         f"{scaled / least:.1f}x"])
+                         f"{scaled / least:.1f}x", server_idle(url)])
         runs = [("Step 9b cold", csv, True), ("Step 9b warm rerun", csv, False),
                 ("Step 9b grow +20", grown, False)]
         if name == "flaky":
@@ -153,8 +166,10 @@ def profile_table(name: str, csv_all: Path, work: Path, conn) -> list[list]:
             stored = db.count_rows(conn, table)["rows"]
             ratio = f"{wall / least:.2f}x" if "cold" in label else ""
             rows.append([name, label, f"{wall:.2f}", f"{report['wall_s']:.2f}",
-                         counts["requests"], report["texts_embedded"], stored, ratio])
-        rows.append([name, "least possible (server model)", f"{least:.2f}", "", "", n, "", "1.00x"])
+                         counts["requests"], report["texts_embedded"], stored, ratio,
+                         server_idle(url)])
+        rows.append([name, "least possible (server model)", f"{least:.2f}", "", "", n, "", "1.00x",
+                     "0%"])
     finally:
         proc.terminate()
     return rows
@@ -228,7 +243,7 @@ def main() -> None:
         for name in args.profile or SCENARIOS:
             rows += profile_table(name, csv_all, work, conn)
         print_table(["profile", "run", "wall s (CLI)", "ingest s", "requests", "texts embedded",
-                     "rows in table", "vs least possible"], rows)
+                     "rows in table", "vs least possible", "server idle"], rows)
         if not args.quick:
             print_table(["rows", "dims", "rows in table", "texts embedded", "ingest s",
                          "rows/s", "wall s", "peak RSS MB"], [big_run(conn, work)])

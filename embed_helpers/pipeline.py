@@ -1,10 +1,12 @@
 """Step 9b: the one ingestion function behind the notebook and the CLI.
 
-Up to EMBED_MAX_CONCURRENCY requests stay in flight while a single writer
-thread appends each finished batch to the cache and then writes it to
-PostgreSQL (one commit per batch), so embedding, parsing and writes overlap.
-Cache first, database second: a run killed between the two finds the vectors
-in the cache next time and pays nothing again.
+Up to EMBED_MAX_CONCURRENCY requests stay in flight while one writer thread
+appends each finished batch to the cache and then writes it to PostgreSQL (one
+commit per batch), so embedding, parsing and writes overlap. Rows whose vectors
+are already cached are written meanwhile by a second thread on its own
+connection, so they never hold up a finished batch. Cache first, database
+second: a run killed between the two finds the vectors in the cache next time
+and pays nothing again.
 """
 from __future__ import annotations
 
@@ -42,9 +44,8 @@ class Target:
 class _Run:
     """State of one ingestion: the plan, the report, and the rows left per text."""
 
-    def __init__(self, plan: Plan, target: Target, conn, backend, cache, settings, progress):
-        self.plan, self.target, self.conn, self.cache = plan, target, conn, cache
-        self.backend = backend
+    def __init__(self, plan: Plan, target: Target, backend, cache, settings, progress):
+        self.plan, self.target, self.cache, self.backend = plan, target, cache, backend
         self.settings = settings
         self.start = time.perf_counter()
         self.request_spans: list[tuple[float, float]] = []
@@ -160,7 +161,7 @@ def _cached_chunks(run: _Run, texts: list[str]):
 def run_plan(plan: Plan, target: Target, *, conn, backend, cache, settings,
              progress: bool = True, failures_dir: Path = RUNS_DIR) -> RunReport:
     """Carry out a plan: embed what is missing, write what changed. Returns the report."""
-    run = _Run(plan, target, conn, backend, cache, settings, progress)
+    run = _Run(plan, target, backend, cache, settings, progress)
     sizer = BatchSizer(plan.batch_size)
     concurrency = settings.EMBED_MAX_CONCURRENCY
     stats_before = backend.stats() if backend is not None else {}
@@ -210,6 +211,8 @@ def run_plan(plan: Plan, target: Target, *, conn, backend, cache, settings,
 def _finish(run: _Run, backend, stats_before: dict, failures_dir: Path) -> RunReport:
     report = run.report
     stats = backend.stats() if backend is not None else {}
+    if backend is not None:
+        report.route = backend.route  # an old Ollama may have moved us to its legacy route
     report.requests = stats.get("requests", 0) - stats_before.get("requests", 0)
     report.retries = stats.get("retries", 0) - stats_before.get("retries", 0)
     report.texts_embedded = run.texts_embedded

@@ -130,6 +130,7 @@ class FakeEmbeddingServer:
             self.counts = {route: {"requests": 0, "texts": 0} for route in ROUTES}
             self.auth_headers: list[str | None] = []
             self.batch_sizes: list[int] = []
+            self.busy: list[tuple[float, float]] = []  # (start, end) of modelled work
             self.statuses: dict[int, int] = {}
             self._seen: dict[str, int] = {}
 
@@ -224,6 +225,8 @@ class FakeEmbeddingServer:
                 payload = json.dumps(self.answer(route, body, texts, draws)).encode()
                 model_s = (self.latency.per_request_ms + self.latency.per_text_ms * len(texts)) / 1000
                 time.sleep(max(0.0, model_s - (time.perf_counter() - start)))
+                with self._lock:
+                    self.busy.append((start, time.perf_counter()))
         else:
             payload = json.dumps(self.answer(route, body, texts, draws)).encode()
         with self._lock:
@@ -301,6 +304,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/_stats":
             return self.reply(200, json.dumps(self.server.fake.counts).encode())
+        if self.path == "/_busy":  # when the server was working: does it ever wait for us?
+            return self.reply(200, json.dumps(self.server.fake.busy).encode())
         self.reply(404, b"404 page not found", "text/plain")
 
     def do_POST(self) -> None:
