@@ -98,7 +98,8 @@ def reset_server(url: str) -> None:
 def env_for(url: str, settings: dict, cache: Path) -> dict:
     # EMBEDDING_DIM as a user's .env would have it: no probe request before the run.
     env = dict(os.environ, OLLAMA_HOST=url, OPENAI_BASE_URL=url + "/v1", OPENAI_API_KEY="bench-key",
-               EMBED_CACHE_PATH=str(cache), PYTHONPATH=str(ROOT), EMBEDDING_DIM=str(DIM))
+               EMBED_CACHE_PATH=str(cache), PYTHONPATH=str(ROOT), EMBEDDING_DIM=str(DIM),
+               EMBED_ENV_FILE="")  # the developer's .env must not redirect the benchmark
     env.update({k: str(v) for k, v in settings.items()})
     return env
 

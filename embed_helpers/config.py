@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 from dotenv import dotenv_values
 
-from .constants import DEFAULT_CACHE_PATH, PROJECT_ROOT
+from .constants import DEFAULT_CACHE_PATH, DEFAULT_PGDATA, PROJECT_ROOT
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,7 @@ class Settings:
     EMBED_CACHE_PATH: Path = DEFAULT_CACHE_PATH
     EMBED_CACHE_ONLY: bool = False
     DATABASE_URL: Secret | None = None
+    EMBED_PGDATA: Path = DEFAULT_PGDATA
     UPSERT: bool = True
     EMBED_EXPECTED_TEXTS_PER_S: float | None = None
     GPU_HOURLY_USD: float | None = None
@@ -193,6 +194,7 @@ SPEC: dict[str, tuple[Callable[[Any], Any], str]] = {
     "EMBED_CACHE_PATH": (_path, "JSONL embedding cache; relative paths are from the project root"),
     "EMBED_CACHE_ONLY": (_bool, "never call the backend; cache misses become failures"),
     "DATABASE_URL": (_optional(lambda v: Secret(_text(v))), "PostgreSQL URL; unset = embedded server in .pgdata/"),
+    "EMBED_PGDATA": (_path, "data folder of the embedded server (when DATABASE_URL is unset)"),
     "UPSERT": (_bool, "update rows whose id exists (ON CONFLICT DO UPDATE); off = keep them"),
     "EMBED_EXPECTED_TEXTS_PER_S": (_optional(_float(0.001)), "throughput for the plan's estimate; unset = probe"),
     "GPU_HOURLY_USD": (_optional(_float(0)), "price per hour of the embedding machine, for cost figures"),
@@ -225,12 +227,14 @@ def load_settings(overrides: Mapping[str, Any] | None = None, *,
     Args:
         overrides: e.g. notebook parameters (`globals()` works: only setting names are
             read, and None means "not given").
-        env_file: the `.env` to read; default `<project root>/.env`.
+        env_file: the `.env` to read; default `$EMBED_ENV_FILE`, else `<project root>/.env`.
         environ: the environment; default `os.environ`.
     Raises:
         ConfigError: naming the first variable with a bad value.
     """
-    env_path = Path(env_file) if env_file else PROJECT_ROOT / ".env"
+    if env_file is None:  # EMBED_ENV_FILE picks another file; empty means none (make test)
+        env_file = os.environ.get("EMBED_ENV_FILE", PROJECT_ROOT / ".env")
+    env_path = Path(env_file) if str(env_file) else Path("/nonexistent/.env")
     sources: list[Mapping[str, Any]] = []
     if overrides:
         sources.append({k: v for k, v in overrides.items() if k in SPEC and v is not None})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -17,7 +18,7 @@ from psycopg2 import sql
 from psycopg2.extras import execute_values
 
 from .config import Settings, mask_url
-from .constants import DEFAULT_PGDATA, HNSW_MAX_VECTOR_DIM, INDEX_MAINTENANCE_WORK_MEM, LOOKUP_CHUNK_IDS
+from .constants import HNSW_MAX_VECTOR_DIM, INDEX_MAINTENANCE_WORK_MEM, LOOKUP_CHUNK_IDS
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ def connect(settings: Settings):
         url, where = str(settings.DATABASE_URL), mask_url(settings.DATABASE_URL)
     else:
         from .pg_embedded import embedded_uri
-        url = embedded_uri()
-        where = "embedded PostgreSQL (.pgdata/)"
+        url = embedded_uri(settings.EMBED_PGDATA)
+        where = f"embedded PostgreSQL ({settings.EMBED_PGDATA})"
     try:
         conn = psycopg2.connect(url)
     except psycopg2.OperationalError as exc:
@@ -70,8 +71,8 @@ def server_info(conn) -> dict:
         pg, vector = cur.fetchone()
     conn.rollback()
     info = conn.info
-    where = "embedded, data in .pgdata/" if info.host == str(DEFAULT_PGDATA) else \
-        f"{info.host}:{info.port}/{info.dbname}"
+    embedded = info.host.startswith("/") and Path(info.host, "PG_VERSION").is_file()
+    where = "embedded pgserver" if embedded else f"{info.host}:{info.port}/{info.dbname}"
     return {"server": where, "postgresql": pg, "pgvector": vector}
 
 

@@ -15,6 +15,15 @@ sys.path.insert(0, str(TESTS_DIR))  # so tests and benchmarks can `import fake_s
 from embed_helpers.config import load_settings  # noqa: E402
 from embed_helpers.constants import PROJECT_ROOT  # noqa: E402
 
+# The tests, the notebook kernel nbval starts and every CLI subprocess inherit this
+# environment: never the developer's .env, never their cache or embedded database, and the
+# notebook on the backend its committed outputs were made with. DATABASE_URL is used only
+# when it is set in the environment itself (point it at a scratch database).
+os.environ["EMBED_ENV_FILE"] = ""
+os.environ["EMBEDDING_BACKEND"] = "local"
+os.environ.setdefault("EMBED_PGDATA", str(PROJECT_ROOT / ".pgdata-test"))
+os.environ.setdefault("EMBED_CACHE_PATH", str(PROJECT_ROOT / ".cache" / "test-embeddings.jsonl"))
+
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 
 
@@ -22,7 +31,8 @@ SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 def make_settings(tmp_path):
     """Settings from explicit values only: no .env, no stray environment, cache in tmp."""
     def make(**overrides):
-        environ = {"EMBED_CACHE_PATH": str(tmp_path / "cache.jsonl"), "EMBED_BACKOFF_MS": "1"}
+        environ = {"EMBED_CACHE_PATH": str(tmp_path / "cache.jsonl"), "EMBED_BACKOFF_MS": "1",
+                   "EMBED_PGDATA": os.environ["EMBED_PGDATA"]}
         if os.environ.get("DATABASE_URL"):
             environ["DATABASE_URL"] = os.environ["DATABASE_URL"]
         environ.update({k: str(v) for k, v in overrides.items()})
@@ -34,8 +44,8 @@ def make_settings(tmp_path):
 def conn():
     """One real PostgreSQL connection for the session (tables are per test)."""
     from embed_helpers import db
-    environ = {"DATABASE_URL": os.environ["DATABASE_URL"]} if os.environ.get("DATABASE_URL") else {}
-    connection = db.connect(load_settings(env_file="/nonexistent", environ=environ))
+    environ = {k: os.environ[k] for k in ("DATABASE_URL", "EMBED_PGDATA") if os.environ.get(k)}
+    connection = db.connect(load_settings(environ=environ))
     yield connection
     connection.close()
 
@@ -60,6 +70,7 @@ def fake_server():
 
 
 def pytest_report_header(config):
-    where = "DATABASE_URL" if os.environ.get("DATABASE_URL") else "embedded pgserver (.pgdata/)"
+    where = "DATABASE_URL" if os.environ.get("DATABASE_URL") else \
+        f"embedded pgserver ({os.environ['EMBED_PGDATA']})"
     shared = SHARED_DATA if SHARED_DATA.is_dir() else "absent (tests that need it are skipped)"
     return [f"PostgreSQL: {where}", f"../shared data: {shared}"]

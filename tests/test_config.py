@@ -123,3 +123,17 @@ def test_env_example_documents_every_setting():
     from embed_helpers.config import SPEC
     names = re.findall(r"^([A-Z_]+)=", (PROJECT_ROOT / ".env.example").read_text(), re.M)
     assert set(names) == set(SPEC)
+
+
+def test_embed_env_file_picks_the_dotenv_and_empty_means_none(tmp_path, monkeypatch):
+    other = tmp_path / "other.env"
+    other.write_text("EMBED_BATCH_SIZE=9\n")
+    monkeypatch.setenv("EMBED_ENV_FILE", str(other))
+    assert load_settings(environ={}).EMBED_BATCH_SIZE == 9
+    monkeypatch.setenv("EMBED_ENV_FILE", "")
+    assert load_settings(environ={}).EMBED_BATCH_SIZE == 64
+
+
+def test_empty_environment_value_overrides_dotenv(tmp_path):
+    s = load(tmp_path, environ={"DATABASE_URL": ""}, env_text="DATABASE_URL=postgresql://prod/x\n")
+    assert s.DATABASE_URL is None
