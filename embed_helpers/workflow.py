@@ -106,6 +106,9 @@ def plan_ingest(df: pd.DataFrame, *, id_col: str, text_col: str, table: str,
     """Step 8: count what the run will do. `probe=True` times one real batch (and keeps
     its vectors in the cache, so the probe is not paid twice) to estimate time and cost."""
     prepared = prepare_input(df, id_col, text_col)
+    resolve_route = getattr(backend, "resolve_route", None)
+    if resolve_route is not None:  # the cache keys depend on it
+        resolve_route()
     stored = db.stored_text_hashes(conn, table, id_col, text_col, prepared.ids) \
         if db.table_dimension(conn, table) else {}
     batch_size = min(settings.EMBED_BATCH_SIZE, backend.max_batch or settings.EMBED_BATCH_SIZE)

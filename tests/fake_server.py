@@ -304,6 +304,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/_stats":
             return self.reply(200, json.dumps(self.server.fake.counts).encode())
+        if self.path == "/api/version":  # Ollama: /api/embed arrived in 0.3.0
+            version = "0.2.8" if self.server.fake.legacy_only else "0.5.7"
+            return self.reply(200, json.dumps({"version": version}).encode())
         if self.path == "/_busy":  # when the server was working: does it ever wait for us?
             return self.reply(200, json.dumps(self.server.fake.busy).encode())
         self.reply(404, b"404 page not found", "text/plain")

@@ -216,8 +216,9 @@ def test_legacy_ollama_vectors_are_keyed_by_the_legacy_route(run, fake_server, c
         cur.execute(f'TRUNCATE "{table}"')
     conn.commit()
     fake_server.reset()
-    again = run(frame(6), EMBEDDING_DIM=DIM)  # a new backend: /api/embed keys miss at planning
-    assert again.rows_written == 6 and again.texts_embedded == 6
+    again = run(frame(6), EMBEDDING_DIM=DIM)  # a new backend asks /api/version first
+    assert again.rows_written == 6 and again.cache_hits == 6 and again.texts_embedded == 0
+    assert again.route == "ollama:/api/embeddings" and fake_server.total_requests() == 0
 
 
 def test_model_with_another_dimension_than_the_table_stops_before_writing(run, fake_server,

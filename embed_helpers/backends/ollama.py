@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..config import Settings
-from ..constants import LEGACY_PENDING_MAX
+from ..constants import CONNECT_TIMEOUT_S, LEGACY_PENDING_MAX
 from ..errors import BackendError, ModelNotFound
 from ..http import HttpClient, rows_to_array
 from .base import Backend
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 EMBED_PATH = "/api/embed"
 LEGACY_PATH = "/api/embeddings"
+VERSION_PATH = "/api/version"
+FIRST_BATCHING_VERSION = (0, 3)  # /api/embed arrived in Ollama 0.3.0
 
 
 class OllamaBackend(Backend):
@@ -57,6 +59,24 @@ class OllamaBackend(Backend):
     @property
     def normalized(self) -> bool:  # type: ignore[override]
         return not self._legacy
+
+    def resolve_route(self) -> str:
+        """Learn the route before the cache is consulted, from GET /api/version (free).
+
+        Without this, a run whose first embedding request discovers an old server would
+        have looked its texts up under the wrong route, and missed.
+        """
+        if self._legacy:
+            return self.route
+        try:
+            response = self.http.session.get(self.settings.OLLAMA_HOST + VERSION_PATH,
+                                             timeout=(CONNECT_TIMEOUT_S, CONNECT_TIMEOUT_S))
+            version = tuple(int(p) for p in response.json()["version"].split(".")[:2])
+        except Exception:  # a proxy without the route, an odd version: the first request decides
+            return self.route
+        if version < FIRST_BATCHING_VERSION:
+            self._switch_to_legacy(BackendError(f"version {'.'.join(map(str, version))}"))
+        return self.route
 
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
