@@ -117,13 +117,16 @@ def test_papermill_from_another_directory(fake_server, tmp_path, conn, table):
     result = subprocess.run(
         [sys.executable, "-m", "papermill", str(NOTEBOOK_PATH), str(out), "-p", "EMBED_BATCH_SIZE",
          "128", "-p", "LIMIT", "12", "-p", "TABLE_NAME", table, "-p", "RUN_REPORT_PATH",
-         str(tmp_path / "report.json")],
+         str(tmp_path / "report.json"), "-p", "RUN_STEP9", "True"],
         env=cli_env(fake_server, tmp_path), cwd=tmp_path, capture_output=True, text=True,
         timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["rows_written"] == 12 and report["batch_size"] == 128
     assert count(conn, table) == 12
+    # Step 9, the per-row alternate, wrote the same rows into its own table
+    assert count(conn, table + "_step9") == 12
+    db.drop_table(conn, table + "_step9")
 
 
 def test_notebook_twice_second_step_9b_is_all_cache_hits(fake_server, tmp_path, conn, table):
