@@ -167,7 +167,8 @@ def write_rows(conn, table: str, id_col: str, text_col: str, ids: Sequence[str],
                                 "embedding vector) ON COMMIT DELETE ROWS").format(
                 s=sql.Identifier(STAGE_TABLE)))
             cur.copy_expert(sql.SQL("COPY {s} FROM STDIN WITH (FORMAT binary)").format(
-                s=sql.Identifier(STAGE_TABLE)).as_string(conn), io.BytesIO(payload), size=COPY_BUFFER_BYTES)
+                s=sql.Identifier(STAGE_TABLE)).as_string(conn), io.BytesIO(payload),
+                size=COPY_BUFFER_BYTES)
             cur.execute(sql.SQL("INSERT INTO {t} ({id}, {text}, embedding) "
                                 "SELECT id, txt, embedding FROM {s} ").format(
                 s=sql.Identifier(STAGE_TABLE), **names) + conflict)
@@ -185,9 +186,9 @@ def _copy_new_rows(conn, cur, table: str, id_col: str, text_col: str, payload: b
     """COPY straight into the table; False (nothing written) when an id already exists."""
     cur.execute("SAVEPOINT new_rows")
     try:
-        cur.copy_expert(sql.SQL("COPY {t} ({id}, {text}, embedding) FROM STDIN WITH (FORMAT binary)")
-                        .format(t=sql.Identifier(table), id=sql.Identifier(id_col),
-                                text=sql.Identifier(text_col)).as_string(conn), io.BytesIO(payload), size=COPY_BUFFER_BYTES)
+        copy = sql.SQL("COPY {t} ({id}, {text}, embedding) FROM STDIN WITH (FORMAT binary)").format(
+            t=sql.Identifier(table), id=sql.Identifier(id_col), text=sql.Identifier(text_col))
+        cur.copy_expert(copy.as_string(conn), io.BytesIO(payload), size=COPY_BUFFER_BYTES)
     except psycopg2.errors.UniqueViolation:
         cur.execute("ROLLBACK TO SAVEPOINT new_rows")  # another writer got there first
         return False

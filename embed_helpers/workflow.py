@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import db
-from .backends import Backend, get_backend
+from .backends import Backend
 from .batching import embed_resilient
 from .cache import EmbeddingCache
 from .config import Settings
@@ -201,5 +201,5 @@ def semantic_search(conn, backend: Backend, table: str, id_col: str, text_col: s
     return db.search(conn, table, id_col, text_col, vector, k)
 
 
-__all__ = ["parity_check", "RawInput", "load_raw", "clean_raw", "build_rows", "open_cache", "discover_dimension", "plan_ingest", "ingest", "ingest_per_row",
-           "semantic_search", "get_backend"]
+__all__ = ["RawInput", "load_raw", "clean_raw", "build_rows", "open_cache", "discover_dimension",
+           "plan_ingest", "ingest", "ingest_per_row", "parity_check", "semantic_search"]

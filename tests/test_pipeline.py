@@ -193,8 +193,7 @@ def test_plan_probe_times_one_batch_and_keeps_its_vectors(fake_server, make_sett
     settings = make_settings(EMBEDDING_BACKEND="ollama", OLLAMA_HOST=fake_server.url,
                              EMBED_BATCH_SIZE=10, GPU_HOURLY_USD=3.0)
     fake_server.poison = {"abstract number 3"}
-    from embed_helpers import db as _db
-    _db.create_table(conn, table, "id", "text", DIM)
+    db.create_table(conn, table, "id", "text", DIM)
     with get_backend(settings) as backend:
         plan = plan_ingest(frame(25), id_col="id", text_col="text", table=table,
                            settings=settings, conn=conn, backend=backend,
