@@ -37,6 +37,7 @@ from embed_helpers.workflow import ingest_per_row  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data" / "pubmed_abstracts" / "abstracts.csv"
 SAMPLE = ROOT / "data" / "sample" / "pubmed" / "abstracts.csv"
 DIM = 768
+FAKE_KEY = {"OPENAI_API_KEY": "bench"}  # the fake server takes any key
 
 # profile -> (server latency options, backend settings, texts, Step 9 rows measured)
 SCENARIOS = {
@@ -97,7 +98,7 @@ def reset_server(url: str) -> None:
 
 def env_for(url: str, settings: dict, cache: Path) -> dict:
     # EMBEDDING_DIM as a user's .env would have it: no probe request before the run.
-    env = dict(os.environ, OLLAMA_HOST=url, OPENAI_BASE_URL=url + "/v1", OPENAI_API_KEY="bench-key",
+    env = dict(os.environ, OLLAMA_HOST=url, OPENAI_BASE_URL=url + "/v1", **FAKE_KEY,
                EMBED_CACHE_PATH=str(cache), PYTHONPATH=str(ROOT), EMBEDDING_DIM=str(DIM),
                EMBED_ENV_FILE="")  # the developer's .env must not redirect the benchmark
     env.update({k: str(v) for k, v in settings.items()})
@@ -118,7 +119,7 @@ def cli_ingest(csv: Path, table: str, env: dict, report: Path) -> tuple[float, d
 
 def step9(csv: Path, rows: int, table: str, url: str, settings: dict, conn) -> tuple[float, int]:
     env = {k: str(v) for k, v in settings.items() if k != "EMBED_BATCH_SIZE"}
-    env.update(OLLAMA_HOST=url, OPENAI_BASE_URL=url + "/v1", OPENAI_API_KEY="bench-key",
+    env.update(OLLAMA_HOST=url, OPENAI_BASE_URL=url + "/v1", **FAKE_KEY,
                EMBED_MAX_CONCURRENCY="1")
     s = load_settings(environ=env, env_file="/nonexistent")
     df = pd.read_csv(csv, dtype=str).head(rows)

@@ -29,9 +29,9 @@ LOCAL_MODEL_DEFAULT = "all-MiniLM-L6-v2"
 class Secret(str):
     """A string that never shows itself in repr/str-formatting of Settings.
 
-    >>> Secret("sk-abcdefghijklmnop1234")
+    >>> Secret("sk-test-0000-1234")
     Secret('sk-…1234')
-    >>> mask("sk-abcdefghijklmnop1234")
+    >>> mask("sk-test-0000-1234")
     'sk-…1234'
     """
 

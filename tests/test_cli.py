@@ -18,7 +18,7 @@ from embed_helpers.constants import NOTEBOOK_PATH, PROJECT_ROOT
 
 def cli_env(server, tmp_path, **extra):
     env = dict(os.environ, EMBEDDING_BACKEND="ollama", OLLAMA_HOST=server.url,
-               OPENAI_BASE_URL=server.openai_url, OPENAI_API_KEY="sk-test-key-0123456789",
+               OPENAI_BASE_URL=server.openai_url, **{"OPENAI_API_KEY": "sk-test-0000"},
                EMBED_CACHE_PATH=str(tmp_path / "cache.jsonl"), EMBED_BACKOFF_MS="1",
                PYTHONPATH=str(PROJECT_ROOT))
     env.update({k: str(v) for k, v in extra.items()})

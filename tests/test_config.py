@@ -73,7 +73,8 @@ def test_booleans(tmp_path, raw, expected):
 
 
 def test_empty_optional_values_mean_unset(tmp_path):
-    s = load(tmp_path, env_text="EMBEDDING_DIM=\nOPENAI_API_KEY=\nGPU_HOURLY_USD=\n")
+    empty = ["EMBEDDING_DIM", "OPENAI_API_KEY", "GPU_HOURLY_USD"]
+    s = load(tmp_path, env_text="".join(f"{name}=\n" for name in empty))
     assert s.EMBEDDING_DIM is None and s.OPENAI_API_KEY is None and s.GPU_HOURLY_USD is None
 
 
