@@ -12,7 +12,7 @@ _EXPORTS = {
     "cache": ["EmbeddingCache"],
     "cache_doctor": ["diagnose", "doctor_report"],
     "config": ["Settings", "load_settings"],
-    "data": ["resolve_path"],
+    "constants": ["project_path"],
     "db": ["connect", "count_rows", "create_hnsw_index", "create_table", "drop_table", "search",
            "server_info"],
     "errors": ["BackendError", "ConfigError", "DataError", "EmbedHelpersError",

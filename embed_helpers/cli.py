@@ -17,21 +17,23 @@ log = logging.getLogger("embed_helpers")
 EXIT_ERROR, EXIT_ROWS_FAILED = 1, 3
 
 
+#: CLI flags that override a setting for one run.
+FLAG_SETTINGS = {"backend": "EMBEDDING_BACKEND", "batch_size": "EMBED_BATCH_SIZE",
+                 "concurrency": "EMBED_MAX_CONCURRENCY"}
+
+
 def _settings(args):
     from .config import load_settings
-    overrides = {}
-    for name in ("backend", "batch_size", "concurrency"):
-        value = getattr(args, name, None)
-        if value is not None:
-            overrides[{"backend": "EMBEDDING_BACKEND", "batch_size": "EMBED_BATCH_SIZE",
-                       "concurrency": "EMBED_MAX_CONCURRENCY"}[name]] = value
-    return load_settings(overrides)
+    return load_settings({name: getattr(args, flag, None) for flag, name in FLAG_SETTINGS.items()})
 
 
-def _load(data, args):
-    """Steps 3-5: a plain CSV through the csv module (no pandas to import), else Synthea."""
-    from .constants import PROJECT_ROOT
-    path = Path(data) if Path(data).is_absolute() else PROJECT_ROOT / data
+def _load(args):
+    """Steps 3-5: a plain CSV through the csv module (no pandas to import), else Synthea.
+
+    A shell user means a path from where they stand; failing that, from the project root.
+    """
+    from .constants import project_path
+    path = Path(args.data).resolve() if Path(args.data).exists() else project_path(args.data)
     if path.is_file() and args.id_col and args.text_col:
         from .csv_rows import read_csv_columns
         return read_csv_columns(path, args.id_col, args.text_col, args.limit), args.id_col, \
@@ -41,15 +43,13 @@ def _load(data, args):
 
 
 def _prepare(args):
-    """Steps 1-7 shared by `ingest` and `plan`: settings, data, backend, dimension, table."""
+    """Steps 1-6 shared by `ingest` and `plan`: settings, data, backend, cache, dimension."""
     from . import db
     from .backends import get_backend
     from .workflow import discover_dimension, open_cache
 
     settings = _settings(args)
-    # A shell user means a path from where they stand; otherwise from the project root.
-    data = Path(args.data).resolve() if Path(args.data).exists() else args.data
-    df, id_col, text_col = _load(data, args)
+    df, id_col, text_col = _load(args)
     table = args.table or ("patient_embeddings" if id_col == "patient_id" else "embeddings")
     conn = db.connect(settings)
     backend = get_backend(settings)
@@ -57,20 +57,16 @@ def _prepare(args):
     print(f"input {args.data}: {len(df[id_col])} rows; table {table}; backend "
           f"{settings.EMBEDDING_BACKEND} ({backend.model}); cache {cache.path} ({len(cache)} entries)")
     dim = discover_dimension(settings, backend, conn, table)
-    db.create_table(conn, table, id_col, text_col, dim)
     return settings, df, id_col, text_col, table, conn, backend, cache, dim
 
 
 def cmd_ingest(args) -> int:
     from . import db
-    from .pipeline import Target, run_plan
-    from .workflow import plan_ingest
+    from .workflow import ingest
 
     settings, df, id_col, text_col, table, conn, backend, cache, dim = _prepare(args)
-    plan = plan_ingest(df, id_col=id_col, text_col=text_col, table=table, settings=settings,
-                       conn=conn, backend=backend, cache=cache, dim=dim)
-    report = run_plan(plan, Target(table, id_col, text_col), conn=conn, backend=backend,
-                      cache=cache, settings=settings, progress=not args.quiet)
+    report = ingest(df, id_col=id_col, text_col=text_col, table=table, settings=settings,
+                    conn=conn, backend=backend, cache=cache, dim=dim, progress=not args.quiet)
     if not args.no_index and db.create_hnsw_index(conn, table, dim):
         print(f"built the HNSW index on {table}")
     print("\n".join(report.summary_lines()))
@@ -84,6 +80,7 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    """Step 8 only: counts and estimates; creates nothing (the probe batch is cached)."""
     from .workflow import plan_ingest
 
     settings, df, id_col, text_col, table, conn, backend, cache, dim = _prepare(args)

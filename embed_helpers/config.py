@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 from dotenv import dotenv_values
 
-from .constants import DEFAULT_CACHE_PATH, DEFAULT_PGDATA, PROJECT_ROOT
+from .constants import DEFAULT_CACHE_PATH, DEFAULT_PGDATA, PROJECT_ROOT, project_path
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -121,9 +121,7 @@ def _text(value: Any) -> str:
 
 
 def _path(value: Any) -> Path:
-    path = Path(str(value).strip()).expanduser()
-    # Relative paths are taken from the project root, never the working directory.
-    return path if path.is_absolute() else (PROJECT_ROOT / path).resolve()
+    return project_path(value)
 
 
 def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -6,6 +6,20 @@ from pathlib import Path
 #: runs the kernel in the caller's directory and nbval in the notebook's folder.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+
+
+def project_path(path) -> Path:
+    """`path` made absolute against the project root, never the current directory.
+
+    >>> project_path("/tmp/x.csv")
+    PosixPath('/tmp/x.csv')
+    >>> project_path("data/sample") == PROJECT_ROOT / "data" / "sample"
+    True
+    """
+    path = Path(str(path).strip()).expanduser()
+    return path if path.is_absolute() else (PROJECT_ROOT / path).resolve()
+
+
 DEFAULT_PGDATA = PROJECT_ROOT / ".pgdata"
 DEFAULT_CACHE_PATH = PROJECT_ROOT / ".cache" / "embeddings.jsonl"
 RUNS_DIR = PROJECT_ROOT / "runs"

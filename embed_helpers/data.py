@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .constants import PROJECT_ROOT
+from .constants import project_path
 from .errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -39,18 +40,6 @@ MARITAL = {"M": "married", "S": "single", "D": "divorced", "W": "widowed"}
 # to a patient summary and would dominate its shared vocabulary.
 _SEMANTIC_TAG = re.compile(r"\s*\((disorder|finding|procedure|substance|situation|person|"
                            r"organism|record artifact|regime/therapy|observable entity)\)$")
-
-
-def resolve_path(path: str | Path) -> Path:
-    """Return `path` made absolute against the project root (not the current directory).
-
-    >>> resolve_path("/tmp/x.csv")
-    PosixPath('/tmp/x.csv')
-    >>> resolve_path("data/sample") == PROJECT_ROOT / "data" / "sample"
-    True
-    """
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else PROJECT_ROOT / p
 
 
 def _check_limit(limit: int | None) -> None:
@@ -82,7 +71,7 @@ def load_table(path: str | Path, id_col: str, text_col: str,
         DataFrame with columns [id_col, text_col], first `limit` rows when given.
     """
     _check_limit(limit)
-    p = resolve_path(path)
+    p = project_path(path)
     if not p.is_file():
         raise _missing(p, "CSV file")
     header = _header(p)
@@ -104,7 +93,7 @@ def load_synthea(folder: str | Path) -> dict[str, pd.DataFrame]:
     Everything is read as text so nothing is guessed (ids, codes, costs with float noise);
     dates are parsed in `clean_synthea`.
     """
-    root = resolve_path(folder)
+    root = project_path(folder)
     if not root.is_dir():
         raise _missing(root, "Synthea folder")
     absent = [f"{n}.csv" for n in SYNTHEA_TABLES if not (root / f"{n}.csv").is_file()]
@@ -312,7 +301,7 @@ def load_input(path: str | Path, id_col: str | None = None, text_col: str | None
         (DataFrame, id column name, text column name).
     """
     _check_limit(limit)
-    p = resolve_path(path)
+    p = project_path(path)
     if p.is_dir():
         if not (p / "patients.csv").is_file():
             raise DataError(f"{p} is a folder without patients.csv; DATA_PATH must be a Synthea "

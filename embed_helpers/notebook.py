@@ -4,12 +4,12 @@ from __future__ import annotations
 import ast
 import json
 import logging
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 from .constants import NOTEBOOK_PATH, PROJECT_ROOT, RUNS_DIR
 from .errors import ConfigError
+from .report import utc_stamp
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,7 @@ def parse_param(assignment: str) -> tuple[str, Any]:
 
 
 def default_output() -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return RUNS_DIR / f"run-{stamp}.ipynb"
+    return RUNS_DIR / f"run-{utc_stamp()}.ipynb"
 
 
 def run_notebook(params: Sequence[str] = (), out: Path | str | None = None,

@@ -225,6 +225,7 @@ def _finish(run: _Run, backend, stats_before: dict, failures_dir: Path) -> RunRe
     report.rows_failed = len(run.failures)
     if run.failures:
         failures_dir.mkdir(parents=True, exist_ok=True)
+        # microseconds: workers finishing in the same second keep separate lists
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         path = failures_dir / f"failures-{stamp}.jsonl"
         with open(path, "w") as fh:

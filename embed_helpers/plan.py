@@ -146,7 +146,7 @@ def make_plan(prepared: PreparedInput, stored_md5: dict[str, str], *, route: str
     todo, keys = [], {}
     unchanged = 0
     for i, (row_id, text) in enumerate(zip(prepared.ids, prepared.texts)):
-        if stored_md5.get(row_id) == text_md5(text):
+        if row_id in stored_md5 and stored_md5[row_id] == text_md5(text):
             unchanged += 1
             continue
         todo.append(i)

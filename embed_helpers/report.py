@@ -128,12 +128,16 @@ class RunReport:
         return "\n".join(self.summary_lines())
 
 
+def utc_stamp() -> str:
+    """The UTC time in run output names (`runs/run-<stamp>.ipynb`): sortable, no colons."""
+    from datetime import datetime, timezone
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+
+
 def default_report_path() -> Path:
     """runs/report-<UTC time>.json, for notebook runs not given RUN_REPORT_PATH."""
-    from datetime import datetime, timezone
-
     from .constants import RUNS_DIR
-    return RUNS_DIR / f"report-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    return RUNS_DIR / f"report-{utc_stamp()}.json"
 
 
 def plot_timeline(report: RunReport):

@@ -15,7 +15,7 @@ from .backends import Backend
 from .batching import embed_resilient
 from .cache import EmbeddingCache
 from .config import Settings
-from .constants import RUNS_DIR
+from .constants import RUNS_DIR, project_path
 from .errors import ConfigError
 from .pipeline import Target, run_plan
 from .plan import Plan, make_plan, prepare_input
@@ -47,7 +47,7 @@ def load_raw(path, id_col: str | None = None, text_col: str | None = None,
     """Step 3: a Synthea folder (first `limit` patients) or a CSV file (first `limit` rows)."""
     from . import data  # pandas: only for Steps 3-5, never for a CSV ingest from the CLI
 
-    folder = data.resolve_path(path)
+    folder = project_path(path)
     if folder.is_dir():
         tables = data.load_synthea(folder)
         as_of = data.reference_date(tables)

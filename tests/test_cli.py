@@ -162,3 +162,14 @@ def test_run_rejects_malformed_params(bad, tmp_path):
     result = cli("run", "--param", bad, "--out", str(tmp_path / "x.ipynb"), env=dict(os.environ),
                  cwd=tmp_path)
     assert result.returncode == 1 and "NAME=VALUE" in result.stderr
+
+
+def test_plan_prints_the_figures_and_creates_nothing(fake_server, tmp_path, conn, table):
+    data = write_csv(tmp_path / "abstracts.csv", 30)
+    result = cli("plan", "--data", str(data), "--id-col", "pmid", "--text-col", "abstract",
+                 "--table", table, "--batch-size", "8", "--no-probe",
+                 env=cli_env(fake_server, tmp_path, GPU_HOURLY_USD=3), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "texts to embed                  30" in result.stdout
+    assert "requests at batch size 8        4" in result.stdout
+    assert db.table_dimension(conn, table) is None  # a plan touches nothing
