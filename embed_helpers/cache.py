@@ -1,9 +1,9 @@
-"""The embedding cache: one JSONL file, content-addressed, crash-safe, shared.
+"""The JSONL cache store: one file, content-addressed, crash-safe, shared by processes.
 
 The index maps 32-byte key digests to byte offsets, never to vectors: vectors are read
 from the file on a hit. Writers append one batch per `os.write` under an exclusive
 `fcntl.flock`; readers take the shared lock only to learn how far the file is complete.
-The format is in `cache_format`.
+The format is in `cache_format`; the PostgreSQL store, with the same methods, in `cache_pg`.
 """
 from __future__ import annotations
 
@@ -18,20 +18,15 @@ from typing import Sequence
 
 import numpy as np
 
-from .cache_format import (cache_key, digest, digest_at, encode_line, flocked, index_chunk,
-                           lock_current, raw_chunks, raw_lines, text_sha256, variant_sha256,
-                           vector_at)
-from .cache_doctor import cache_stats, format_stats  # noqa: F401  (the CLI imports them here)
-from .config import _path
+from .cache_format import (digest, digest_at, encode_line, flocked, index_chunk, lock_current,
+                           raw_chunks, raw_lines, vector_at)
+from .config import _path, relative
+from .constants import READ_SPAN_BYTES
+from .identity import Identity
 
-__all__ = ["CacheStats", "EmbeddingCache", "cache_key", "cache_stats", "compact",
-           "format_stats", "text_sha256", "variant_sha256"]
+__all__ = ["CacheStats", "EmbeddingCache"]
 
 log = logging.getLogger(__name__)
-
-
-#: get_many reads lines that lie within this many bytes of each other in one call.
-READ_SPAN_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -49,7 +44,8 @@ class CacheStats:
 
 
 class EmbeddingCache:
-    """Key -> vector over one JSONL file; safe to share between threads and processes.
+    """(identity, text) -> vector over one JSONL file; safe to share between threads and
+    processes on one machine (`cache_pg.PostgresCache` is shared by every machine).
 
     Args:
         path: the cache file; a relative path is taken from the project root.
@@ -67,10 +63,14 @@ class EmbeddingCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             self._refresh()
-        log.info("cache %s: %d entries (%d bad lines skipped)", self.path, len(self._index),
-                 self._skipped)
+        log.info("cache %s: %d entries (%d bad lines skipped)", relative(self.path),
+                 len(self._index), self._skipped)
+
+    def describe(self) -> str:
+        return f"JSONL file {relative(self.path)}"
 
     def _reset(self) -> None:
+        self._settings: set[tuple] = set()
         self._index: dict[bytes, int] = {}
         self._scanned, self._torn_at, self._max_line, self._skipped = 0, -1, 0, 0
 
@@ -107,8 +107,9 @@ class EmbeddingCache:
             self._reset()
         off, bad = self._scanned, 0
         for base, buf, stop in raw_chunks(self._fd, self._scanned, size):
-            keys, offsets, bad_offsets, longest = index_chunk(buf, stop)
+            keys, offsets, bad_offsets, longest, settings = index_chunk(buf, stop)
             self._index.update(zip(keys, [base + o for o in offsets]))
+            self._settings |= settings
             # A torn tail that a writer has since ended was counted already.
             bad += sum(base + o != self._torn_at for o in bad_offsets)
             self._max_line = max(self._max_line, longest)
@@ -122,12 +123,13 @@ class EmbeddingCache:
                         self.path, bad, self._scanned, size)
         self._scanned = off
 
-    def get_many(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        """Vectors for the keys that are cached (float32, dim as written); counts hits."""
+    def get_many(self, identity: Identity, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Cached vectors of `texts` under `identity` (float32); counts hits and misses."""
+        by_key = dict(zip(identity.keys(texts), texts))
         with self._lock:
             self._refresh()
-            wanted, asked = [], set(keys)
-            for key in asked:
+            wanted = []
+            for key in by_key:
                 offset = self._index.get(digest(key))
                 if offset is not None:
                     wanted.append((offset, key))
@@ -138,10 +140,24 @@ class EmbeddingCache:
                     self._skipped += 1
                     log.warning("cache %s: bad vector at byte %d, ignored", self.path, offset)
                 else:
-                    found[key] = vector
+                    found[by_key[key]] = vector
             self._hits += len(found)
-            self._misses += len(asked) - len(found)
+            self._misses += len(by_key) - len(found)
             return found
+
+    def contains(self, identity: Identity, texts: Sequence[str]) -> set[str]:
+        """The texts cached under `identity`, without reading their vectors."""
+        with self._lock:
+            self._refresh()
+            return {t for t, k in zip(texts, identity.keys(texts)) if digest(k) in self._index}
+
+    def dims(self, route: str, model: str, normalized: bool) -> list[int]:
+        """Dimensions cached for this route, model and normalisation (to learn a table's
+        dimension without a request)."""
+        with self._lock:
+            self._refresh()
+            return sorted({d for r, m, d, n in self._settings
+                           if (r, m, n) == (route, model, normalized)})
 
     def _read_many(self, wanted: list[tuple[int, str]]):
         """(offset, key, vector or None) for offsets in file order, reading nearby lines
@@ -169,32 +185,48 @@ class EmbeddingCache:
                 return vector_at(buf, 0, nl, key) if nl >= 0 else None
             size *= 2
 
-    def put_many(self, entries: Sequence[tuple[str, np.ndarray]], *, route: str, model: str,
-                 normalized: bool, texts: Sequence[str]) -> None:
-        """Append new entries in one locked write, flushed to the OS before returning.
+    def put_many(self, identity: Identity, texts: Sequence[str], vectors: np.ndarray) -> int:
+        """Append new entries in one locked write, flushed to the OS before returning;
+        returns how many were new.
 
         Keys already in the file (written by anyone) are not written again. Rows that are
         not finite vectors (failed embeddings) are skipped with a warning.
-
-        Raises:
-            ValueError: a key is not `cache_key(route, model, len(vector), normalized, text)`.
         """
-        if len(entries) != len(texts):
-            raise ValueError(f"{len(entries)} entries but {len(texts)} texts")
+        if len(vectors) != len(texts):
+            raise ValueError(f"{len(vectors)} vectors but {len(texts)} texts")
         ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         lines: dict[bytes, bytes] = {}
-        for (key, vector), text in zip(entries, texts):
+        for key, vector, text in zip(identity.keys(texts), vectors, texts):
             vec = np.asarray(vector, dtype="<f4")
-            if vec.ndim != 1 or vec.size == 0 or not np.isfinite(vec).all():
+            if vec.ndim != 1 or vec.size != identity.dim or not np.isfinite(vec).all():
                 log.warning("cache: not caching a bad vector for %r", text[:60])
                 continue
-            if key != cache_key(route, model, vec.size, normalized, text):
-                raise ValueError(f"key {key[:12]}... is not cache_key({route!r}, {model!r}, "
-                                 f"{vec.size}, {normalized}, text) for {text[:60]!r}")
-            lines[bytes.fromhex(key)] = encode_line(key, vec, route=route, model=model,
-                                                    normalized=normalized, text=text, ts=ts)
+            lines[bytes.fromhex(key)] = encode_line(key, vec, route=identity.route,
+                                                    model=identity.model,
+                                                    normalized=identity.normalized, text=text, ts=ts)
+        return self._append(lines, {(identity.route, identity.model, identity.dim,
+                                     identity.normalized)})
+
+    def put_entries(self, entries: Sequence[dict]) -> int:
+        """Append entries as another store holds them (`cache import`): key, settings,
+        hashes, ts and vector; returns how many were new."""
+        lines = {bytes.fromhex(e["key"]): encode_line(
+            e["key"], e["vector"], route=e["route"], model=e["model"], normalized=e["normalized"],
+            ts=e["ts"], hashes=(e["text_sha256"], e["variant_sha256"])) for e in entries}
+        return self._append(lines, {(e["route"], e["model"], e["dim"], e["normalized"])
+                                    for e in entries})
+
+    def entries(self):
+        """Every valid entry with its vector, in file order (`cache export`)."""
+        from .cache_format import scan_records
+        if self.path.is_file():
+            for _offset, record in scan_records(self.path, vectors=True):
+                if record is not None and record["vector"] is not None:
+                    yield record
+
+    def _append(self, lines: dict[bytes, bytes], settings: set[tuple]) -> int:
         if not lines:
-            return
+            return 0
         if self.read_only:
             raise PermissionError(f"cache {self.path} was opened read_only")
         with self._lock:
@@ -208,7 +240,7 @@ class EmbeddingCache:
                 self._scan(size)
                 new = [(d, line) for d, line in lines.items() if d not in self._index]
                 if not new:
-                    return
+                    return 0
                 payload = b"".join(line for _, line in new)
                 start = size
                 if self._scanned < size:  # a killed writer's torn line: end it first
@@ -222,6 +254,8 @@ class EmbeddingCache:
                     self._max_line = max(self._max_line, len(line))
                 self._scanned = size + len(payload)
                 self._written += len(new)
+                self._settings |= settings
+                return len(new)
             finally:
                 os.close(fd)  # releases the lock
 
@@ -259,64 +293,4 @@ class EmbeddingCache:
             pass
 
     def __repr__(self) -> str:
-        return f"<EmbeddingCache {self.path} entries={len(self._index)}>"
-
-
-def compact(path: Path | str) -> dict:
-    """Rewrite the cache without duplicate keys and bad lines, atomically, under the lock.
-
-    Every vector is decoded and checked. The new file is written beside the old one,
-    fsynced and renamed over it; caches open in other processes follow the rename on
-    their next lookup. The last line of a duplicated key wins, as in the index.
-
-    Returns:
-        path, lines_before, entries, duplicates_removed, bad_lines_removed,
-        bytes_before, bytes_after.
-    """
-    path = _path(path)
-    result = {"path": str(path), "lines_before": 0, "entries": 0, "duplicates_removed": 0,
-              "bad_lines_removed": 0, "bytes_before": 0, "bytes_after": 0}
-    if not path.exists():
-        return result
-    fd = lock_current(path, os.O_RDONLY)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.compact")
-    try:
-        size = result["bytes_before"] = os.fstat(fd).st_size
-        keep: dict[bytes, tuple[int, int]] = {}
-        end = 0
-        for off, buf, p, nl in raw_lines(fd, 0, size):
-            result["lines_before"] += 1
-            end = off + nl - p + 1
-            vector = vector_at(buf, p, nl)
-            if vector is None:
-                result["bad_lines_removed"] += 1
-                continue
-            key = digest_at(buf, p, nl)
-            result["duplicates_removed"] += key in keep
-            keep[key] = (off, nl - p + 1)
-        if end < size:
-            result["lines_before"] += 1
-            result["bad_lines_removed"] += 1
-        with open(tmp, "wb") as out:
-            start = stop = 0
-            for off, length in sorted(keep.values()) + [(-1, 0)]:  # (-1, 0): flush the last run
-                if off != stop or stop - start > (8 << 20):  # copy runs of adjacent lines
-                    out.write(os.pread(fd, stop - start, start))
-                    start = off
-                stop = off + length
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, os.fstat(fd).st_mode & 0o777)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(dir_fd)
-        result["entries"], result["bytes_after"] = len(keep), path.stat().st_size
-    finally:
-        os.close(fd)  # releases the lock; writers waiting on the old file retry the new one
-        tmp.unlink(missing_ok=True)
-    log.info("cache %s compacted: %d entries, %d duplicates and %d bad lines removed",
-             path, result["entries"], result["duplicates_removed"], result["bad_lines_removed"])
-    return result
+        return f"<EmbeddingCache {relative(self.path)} entries={len(self._index)}>"

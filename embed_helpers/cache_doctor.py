@@ -1,10 +1,10 @@
-"""Explain cache misses (`cache doctor`) and summarise a cache file (`cache stats`).
+"""Explain cache misses (`cache doctor`), for either cache store.
 
 The cache keys the exact text under the exact settings, on purpose. When it misses, the
 doctor says why, per text, using the hashes stored beside each vector: the same text
 under another model, route or dimension (`text_sha256`), a text that differs only in
-case, whitespace or Unicode form (`variant_sha256`), or a cache file that is missing,
-empty, or not the one the texts were written to.
+case, whitespace or Unicode form (`variant_sha256`), or a cache that is missing, empty,
+or not the one the texts were written to.
 """
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .cache_format import cache_key, digest, scan_records, text_sha256, variant_sha256
-from .config import _path
-from .constants import PROJECT_ROOT, PREVIEW_CHARS
+from .cache_format import digest, scan_records, text_sha256, variant_sha256
+from .config import relative
+from .constants import DOCTOR_SAMPLE, PREVIEW_CHARS, PROJECT_ROOT
+from .identity import Identity
 
 HIT = "hit"
 OTHER_SETTINGS = "other_settings"
@@ -44,8 +45,6 @@ ADVICE = {
     CACHE_EMPTY: "the cache file holds no valid entry.",
     NOT_CACHED: "never embedded under any settings in this cache: a genuine miss.",
 }
-#: Texts the doctor checks at most, evenly spread over the ones it is given.
-DOCTOR_SAMPLE = 20
 #: Folders never searched for other cache files.
 SKIP_DIRS = {".git", ".venv", "venv", "node_modules", "__pycache__", ".pgdata",
              ".ipynb_checkpoints", ".pytest_cache", ".tox", "site-packages"}
@@ -70,8 +69,8 @@ class Verdict:
 
 @dataclass
 class Diagnosis:
-    path: Path
-    wanted: dict
+    path: str                            # the store, as `describe()` says it
+    wanted: Identity
     file_state: str                      # "ok", "missing" or "empty"
     entries: int
     bad_lines: int
@@ -85,9 +84,7 @@ class Diagnosis:
         w = self.wanted
         state = {"missing": "MISSING", "empty": "EMPTY (no valid entry)"}.get(
             self.file_state, f"{self.entries} entries, {self.bad_lines} bad lines")
-        lines = [f"cache file: {self.path} ({state})",
-                 f"looking for: route={w['route']!r} model={w['model']!r} dim={w['dim']} "
-                 f"normalized={w['normalized']}"]
+        lines = [f"cache: {self.path} ({state})", f"looking for: {w.describe()}"]
         for other, n in self.other_caches.items():
             lines.append(f"other cache file: {other} ({n} lines)")
         counts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.counts().items()))
@@ -103,60 +100,56 @@ class Diagnosis:
     __str__ = report
 
 
-def diagnose(texts: str | Sequence[str], *, route: str, model: str, dim: int | None,
-             normalized: bool, path: Path | str, sample: int = DOCTOR_SAMPLE,
-             search_roots: Iterable[Path] | None = None) -> Diagnosis:
-    """Say, per text, why a lookup under these settings hits or misses.
+def diagnose(texts: str | Sequence[str], *, identity: Identity, store,
+             sample: int = DOCTOR_SAMPLE, search_roots: Iterable[Path] | None = None) -> Diagnosis:
+    """Say, per text, why a lookup under `identity` hits or misses in `store`.
 
     Args:
         texts: one text, or the missed texts (a sample of `sample` is checked).
-        route, model, dim, normalized: the settings of the lookup (`backend.route`,
-            `backend.model`, the dimension, `backend.normalized`); dim None = any.
-        path: the cache file (relative = from the project root).
-        search_roots: where to look for other cache files; default the project root
+        identity: the lookup's settings (`backend.identity(dim)`); dim None = any.
+        store: an `EmbeddingCache` or a `PostgresCache`.
+        search_roots: where to look for other JSONL cache files; default the project root
             and the current directory.
     """
-    path = _path(path)
     chosen = _sample([texts] if isinstance(texts, str) else list(texts), sample)
-    wanted = {"route": route, "model": model, "dim": dim, "normalized": normalized}
     edits = {t: {name: text_sha256(edit(t)) for name, edit in _EDITS.items()} for t in chosen}
     exact = {text_sha256(t) for t in chosen} | {h for e in edits.values() for h in e.values()}
     variants = {variant_sha256(t) for t in chosen}
-    found = _search(path, exact, variants) if path.is_file() else None
+    found = _search(store, exact, variants)
+    state = "missing" if found is None else "empty" if found["entries"] == 0 else "ok"
     entries, bad = (found["entries"], found["bad"]) if found else (0, 0)
-    state = "missing" if found is None else "empty" if entries == 0 else "ok"
-    diagnosis = Diagnosis(path, wanted, state, entries, bad)
+    diagnosis = Diagnosis(store.describe(), identity, state, entries, bad)
     pending = []
     for text in chosen:
-        verdict = _judge(text, wanted, found, edits[text]) if state == "ok" else None
+        verdict = _judge(text, identity, found, edits[text]) if state == "ok" else None
         diagnosis.verdicts.append(verdict)
         if verdict is None or verdict.kind == NOT_CACHED:
             pending.append(text)
     others = {}
-    if pending:
+    path = getattr(store, "path", None)
+    if pending and isinstance(path, Path):
         roots = list(search_roots) if search_roots is not None else [PROJECT_ROOT, Path.cwd()]
         hashes = {text_sha256(t) for t in pending}
-        for other in find_caches(roots, exclude=path):
-            others[other] = _search(other, hashes, set())
-            diagnosis.other_caches[other] = others[other]["lines"]
+        for other in find_caches(roots, exclude=path.resolve()):
+            others[other] = _scan_file(other, hashes, set())
+            diagnosis.other_caches[relative(other)] = others[other]["lines"]
     for i, text in enumerate(chosen):
         verdict = diagnosis.verdicts[i]
         if verdict is not None and verdict.kind != NOT_CACHED:
             continue
-        where = [f"{p} ({_describe(s, wanted)})" for p, o in others.items()
+        where = [f"{relative(p)} ({_describe(s, identity)})" for p, o in others.items()
                  for s in o["exact"].get(text_sha256(text), [])[:1]]
         if where:
             verdict = Verdict(_preview(text), ELSEWHERE, "cached in " + "; ".join(where))
         elif verdict is None:
             kind = CACHE_MISSING if state == "missing" else CACHE_EMPTY
-            verdict = Verdict(_preview(text), kind, f"{path} is {state}")
+            verdict = Verdict(_preview(text), kind, f"{store.describe()} is {state}")
         diagnosis.verdicts[i] = verdict
     return diagnosis
 
 
-def _judge(text: str, wanted: dict, found: dict, edits: dict[str, str]) -> Verdict:
-    key = cache_key(wanted["route"], wanted["model"], wanted["dim"], wanted["normalized"],
-                    text) if wanted["dim"] else None
+def _judge(text: str, wanted: Identity, found: dict, edits: dict[str, str]) -> Verdict:
+    key = wanted.key(text) if wanted.dim else None
     same = found["exact"].get(text_sha256(text), [])
     if any(_matches(s, wanted, key) for s in same):
         return Verdict(_preview(text), HIT, "cached under these settings")
@@ -175,23 +168,38 @@ def _judge(text: str, wanted: dict, found: dict, edits: dict[str, str]) -> Verdi
     return Verdict(_preview(text), NOT_CACHED, "no entry for this text or a variant of it")
 
 
-def _matches(record: dict, wanted: dict, key: str | None) -> bool:
+def _matches(record: dict, wanted: Identity, key: str | None) -> bool:
     if key is not None:
         return record["key"] == key
-    return all(record[f] == wanted[f] for f in ("route", "model", "normalized"))
+    return (record["route"], record["model"], record["normalized"]) == \
+        (wanted.route, wanted.model, wanted.normalized)
 
 
-def _describe(record: dict, wanted: dict) -> str:
+def _describe(record: dict, wanted: Identity) -> str:
     """The settings of a cached entry, with what differs from the lookup's marked."""
     parts = []
     for name in ("model", "route", "dim", "normalized"):
-        value = record.get(name)
-        differs = wanted[name] is not None and value != wanted[name]
-        parts.append(f"{name} {value!r}" + (f" (you: {wanted[name]!r})" if differs else ""))
+        value, want = record.get(name), getattr(wanted, name)
+        differs = want is not None and value != want
+        parts.append(f"{name} {value!r}" + (f" (you: {want!r})" if differs else ""))
     return ", ".join(parts)
 
 
-def _search(path: Path, exact: set[str], variants: set[str]) -> dict:
+def _search(store, exact: set[str], variants: set[str]) -> dict | None:
+    """The store's records whose hashes are asked for, and its counts; None: no store."""
+    path = getattr(store, "path", None)
+    if isinstance(path, Path):
+        return _scan_file(path, exact, variants) if path.is_file() else None
+    found = {"entries": len(store), "bad": 0, "lines": None, "exact": {}, "variant": {}}
+    for record in store.find(exact, variants):
+        if record["text_sha256"] in exact:
+            found["exact"].setdefault(record["text_sha256"], []).append(record)
+        if record["variant_sha256"] in variants:
+            found["variant"].setdefault(record["variant_sha256"], []).append(record)
+    return found
+
+
+def _scan_file(path: Path, exact: set[str], variants: set[str]) -> dict:
     """One pass over a cache file: counts, and the records whose hashes are asked for."""
     found = {"entries": 0, "bad": 0, "lines": 0, "exact": {}, "variant": {}}
     keys = set()
@@ -248,84 +256,31 @@ def _preview(text: str) -> str:
     return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS] + "…"
 
 
-def cache_stats(path: Path | str) -> dict:
-    """Size, entries, duplicates, bad lines and entries per settings of a cache file."""
-    path = _path(path)
-    stats = {"path": str(path), "exists": path.is_file(), "bytes": 0, "lines": 0,
-             "entries": 0, "duplicates": 0, "bad_lines": 0, "by_settings": [],
-             "oldest": None, "newest": None}
-    if not stats["exists"]:
-        return stats
-    stats["bytes"] = path.stat().st_size
-    keys, groups = set(), Counter()
-    for _offset, meta in scan_records(path):
-        stats["lines"] += 1
-        if meta is None:
-            stats["bad_lines"] += 1
-            continue
-        key = digest(meta["key"])
-        if key in keys:
-            stats["duplicates"] += 1
-            continue
-        keys.add(key)
-        groups[(meta.get("route"), meta.get("model"), meta["dim"], meta.get("normalized"))] += 1
-        ts = meta.get("ts")
-        if isinstance(ts, str):  # ISO 8601 UTC: string order is time order
-            stats["oldest"] = min(stats["oldest"] or ts, ts)
-            stats["newest"] = max(stats["newest"] or ts, ts)
-    stats["entries"] = len(keys)
-    stats["by_settings"] = [{"route": r, "model": m, "dim": d, "normalized": n, "entries": c}
-                            for (r, m, d, n), c in groups.most_common()]
-    return stats
-
-
-def format_stats(stats: dict) -> str:
-    """A printable summary of `cache_stats`."""
-    if not stats["exists"]:
-        return f"cache file: {stats['path']} (missing)"
-    lines = [f"cache file: {stats['path']} ({stats['bytes'] / 1e6:.1f} MB)",
-             f"entries: {stats['entries']}  duplicates: {stats['duplicates']}  "
-             f"bad lines: {stats['bad_lines']}  written: {stats['oldest']} .. {stats['newest']}"]
-    for g in stats["by_settings"]:
-        lines.append(f"  {g['entries']:>9}  route={g['route']!r} model={g['model']!r} "
-                     f"dim={g['dim']} normalized={g['normalized']}")
-    return "\n".join(lines)
-
-
-def wanted_from_settings(settings) -> dict:
-    """The lookup settings a run with `settings` would use, without starting a backend.
-
-    Ollama's route is the current one; an old server falls back to the legacy
-    `ollama:/api/embeddings` (not normalised), which the report then shows as a difference.
-    """
-    route = {"ollama": "ollama:/api/embed"}.get(settings.EMBEDDING_BACKEND,
-                                                 settings.EMBEDDING_BACKEND)
-    return {"route": route, "model": settings.model, "dim": settings.EMBEDDING_DIM,
-            "normalized": True}
-
-
-def doctor_report(settings, texts: Sequence[str] | None = None, path: Path | str | None = None,
+def doctor_report(store, identity: Identity, texts: Sequence[str] | None = None,
                   search_roots: Iterable[Path] | None = None) -> str:
-    """`cache doctor`: the file, its entries per settings against yours, and, given texts,
+    """`cache doctor`: the store, its entries per settings against yours, and, given texts,
     a verdict per text (`diagnose`)."""
-    path = _path(path or settings.EMBED_CACHE_PATH)
-    wanted = wanted_from_settings(settings)
-    stats = cache_stats(path)
+    from .cache_tools import format_stats, summary
+    stats = summary(store)
     lines = format_stats(stats).splitlines()
-    if texts:  # the diagnosis names the file itself; keep the entries per settings
-        diagnosis = diagnose(texts, path=path, search_roots=search_roots, **wanted)
+    if texts:  # the diagnosis names the store itself; keep the entries per settings
+        diagnosis = diagnose(texts, identity=identity, store=store, search_roots=search_roots)
         return "\n".join([diagnosis.report()] + lines[2:])
-    lines.append(f"your settings: {', '.join(f'{k} {v!r}' for k, v in wanted.items())}")
+    lines.append(f"your settings: {identity.describe()}")
     mine = sum(g["entries"] for g in stats["by_settings"]
-               if all(g[k] == v for k, v in wanted.items() if v is not None))
+               if (g["route"], g["model"], g["normalized"]) ==
+               (identity.route, identity.model, identity.normalized)
+               and identity.dim in (None, g["dim"]))
     if stats["entries"]:
         lines.append(f"{mine} of {stats['entries']} entries were made with your settings"
                      + ("" if mine else ": " + ADVICE[OTHER_SETTINGS]))
     else:
         lines.append(ADVICE[CACHE_MISSING if not stats["exists"] else CACHE_EMPTY])
-    roots = list(search_roots) if search_roots is not None else [PROJECT_ROOT, Path.cwd()]
-    for other in find_caches(roots, exclude=path):
-        lines.append(f"other cache file: {other} ({other.stat().st_size / 1e6:.1f} MB): "
-                     f"set EMBED_CACHE_PATH to use it")
+    path = getattr(store, "path", None)
+    if isinstance(path, Path):
+        roots = list(search_roots) if search_roots is not None else [PROJECT_ROOT, Path.cwd()]
+        for other in find_caches(roots, exclude=path.resolve()):
+            lines.append(f"other cache file: {relative(other)} "
+                         f"({other.stat().st_size / 1e6:.1f} MB): set EMBED_CACHE_PATH to use it")
     lines.append("Give texts (--text) to explain why they miss.")
     return "\n".join(lines)

@@ -20,33 +20,12 @@ from typing import Iterator
 
 import numpy as np
 
-#: Bytes read per step when scanning the file: memory stays bounded whatever its size.
-SCAN_CHUNK_BYTES = 8 << 20
-_SEP = "\x1f"
+from .constants import SCAN_CHUNK_BYTES
+
 _PREFIX = b'{"key":"'
 _DIM = b',"dim":'
 _VECTOR = b'"vector":"'
 _HEX = frozenset("0123456789abcdef")
-
-
-def cache_key(route: str, model: str, dim: int, normalized: bool, text: str) -> str:
-    """The sha256 hex key of one text under everything that changes its vector.
-
-    The exact text is hashed: no case folding, no whitespace changes (they can change the
-    vector; `cache_doctor` explains such near misses instead). Fields are joined with
-    U+001F, the ASCII unit separator. A text may contain it, but the text is the last
-    field and route and model may not (ValueError), dim and the flag are digits, so two
-    different field tuples can never join to the same string.
-
-    >>> cache_key("ollama:/api/embed", "nomic-embed-text", 768, True, "hello")[:16]
-    'e3113362d0dc0dcc'
-    >>> cache_key("local", "m", 384, True, "a") == cache_key("local", "m", 384, True, "a ")
-    False
-    """
-    if _SEP in route or _SEP in model:
-        raise ValueError(f"route and model must not contain U+001F: {route!r}, {model!r}")
-    joined = _SEP.join((route, model, str(int(dim)), "1" if normalized else "0", text))
-    return hashlib.sha256(joined.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def text_sha256(text: str) -> str:
@@ -69,14 +48,15 @@ def variant_sha256(text: str) -> str:
 
 
 def encode_line(key: str, vector: np.ndarray, *, route: str, model: str, normalized: bool,
-                text: str, ts: str) -> bytes:
-    """One cache line (with its newline) in the layout the fast loader expects."""
+                ts: str, text: str | None = None, hashes: tuple[str, str] | None = None) -> bytes:
+    """One cache line (with its newline) in the layout the fast loader expects. The text's
+    hashes come from `text`, or as given (`hashes`: text_sha256, variant_sha256)."""
     vec = np.ascontiguousarray(vector, dtype="<f4")
+    exact, variant = hashes if hashes else (text_sha256(text), variant_sha256(text))
     return b'{"key":"%s","model":%s,"route":%s,"dim":%d,"normalized":%s,"text_sha256":"%s",' \
            b'"variant_sha256":"%s","ts":"%s","vector":"%s"}\n' % (
                key.encode(), json.dumps(model).encode(), json.dumps(route).encode(), vec.size,
-               b"true" if normalized else b"false", text_sha256(text).encode(),
-               variant_sha256(text).encode(), ts.encode(),
+               b"true" if normalized else b"false", exact.encode(), variant.encode(), ts.encode(),
                binascii.b2a_base64(vec.tobytes(), newline=False))
 
 
@@ -208,20 +188,22 @@ def _bytes_at(arr: np.ndarray, starts: np.ndarray, pattern: bytes) -> np.ndarray
     return (arr[starts[:, None] + np.arange(len(want))] == want).all(axis=1)
 
 
-def index_chunk(buf: bytes, stop: int) -> tuple[list[bytes], list[int], list[int], int]:
-    """Index the lines of buf[:stop]: (key digests, their offsets, bad line offsets, longest).
+def index_chunk(buf: bytes, stop: int) -> tuple[list[bytes], list[int], list[int], int, set]:
+    """Index the lines of buf[:stop]: (key digests, their offsets, bad line offsets, longest,
+    the (route, model, dim, normalized) settings seen).
 
     Vectorised over lines of one length (lines of one model, route and dimension have
     one length): the checks of `locate` are made once on the first line of each length,
     then as byte comparisons at the same places on all of them. Lines that fail go
     through `digest_at` one by one. Offsets are relative to buf.
     """
+    settings: set = set()
     ends, p, find = [], 0, buf.find
     while (nl := find(b"\n", p, stop)) >= 0:
         ends.append(nl)
         p = nl + 1
     if not ends:
-        return [], [], [], 0
+        return [], [], [], 0, settings
     arr, nls = np.frombuffer(buf, np.uint8), np.array(ends, dtype=np.int64)
     starts = np.concatenate(([0], nls[:-1] + 1))
     lengths = nls - starts
@@ -242,6 +224,12 @@ def index_chunk(buf: bytes, stop: int) -> tuple[list[bytes], list[int], list[int
         ok &= (nibbles != 255).all(axis=1)
         digests[rows] = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
         fast[rows] = ok
+        # Settings: the header between the key and the text hash is the same on every line
+        # of one model, route, dim and normalisation; the odd lines out are read one by one.
+        head = buf[first + 72:buf.find(b',"text_sha256"', c, v)]
+        odd = ok & ~_bytes_at(arr, s + 72, head)
+        for start in [first] + s[odd].tolist():
+            settings.add(_settings_of(meta_at(buf, start, start + int(length))))
     raw = digests[fast].tobytes()
     keys = [raw[i:i + 32] for i in range(0, len(raw), 32)]
     offsets = starts[fast].tolist()
@@ -252,10 +240,18 @@ def index_chunk(buf: bytes, stop: int) -> tuple[list[bytes], list[int], list[int
             bad.append(int(starts[i]))
         else:
             slow.append((int(starts[i]), key))
+            settings.add(_settings_of(meta_at(buf, int(starts[i]), int(nls[i]))))
     if slow:  # keep file order: the last line of a key wins
         pairs = sorted(list(zip(offsets, keys)) + slow)
         offsets, keys = [o for o, _ in pairs], [k for _, k in pairs]
-    return keys, offsets, bad, int(lengths.max()) + 1
+    settings.discard(None)
+    return keys, offsets, bad, int(lengths.max()) + 1, settings
+
+
+def _settings_of(meta: dict | None) -> tuple | None:
+    if not meta:
+        return None
+    return meta.get("route"), meta.get("model"), meta.get("dim"), meta.get("normalized")
 
 
 @contextmanager
@@ -289,8 +285,9 @@ def digest(key: str) -> bytes | None:
     return raw if len(raw) == 32 else None
 
 
-def scan_records(path: Path) -> Iterator[tuple[int, dict | None]]:
-    """(offset, every field but the vector) per line; None for a bad or torn line.
+def scan_records(path: Path, vectors: bool = False) -> Iterator[tuple[int, dict | None]]:
+    """(offset, every field but the vector) per line; None for a bad or torn line. With
+    `vectors`, the record holds its decoded vector too (None for a bad vector).
 
     Reads the file as it is when called (sized under the shared lock) in bounded memory.
     """
@@ -300,7 +297,10 @@ def scan_records(path: Path) -> Iterator[tuple[int, dict | None]]:
             size = os.fstat(fd).st_size
         end = 0
         for off, buf, p, nl in raw_lines(fd, 0, size):
-            yield off, meta_at(buf, p, nl)
+            meta = meta_at(buf, p, nl)
+            if vectors and meta is not None:
+                meta["vector"] = vector_at(buf, p, nl)
+            yield off, meta
             end = off + nl - p + 1
         if end < size:
             yield end, None

@@ -19,7 +19,8 @@ EXIT_ERROR, EXIT_ROWS_FAILED = 1, 3
 
 #: CLI flags that override a setting for one run.
 FLAG_SETTINGS = {"backend": "EMBEDDING_BACKEND", "batch_size": "EMBED_BATCH_SIZE",
-                 "concurrency": "EMBED_MAX_CONCURRENCY"}
+                 "concurrency": "EMBED_MAX_CONCURRENCY", "engine": "EMBED_ENGINE",
+                 "ray_address": "RAY_ADDRESS", "workers": "EMBED_WORKERS"}
 
 
 def _settings(args):
@@ -27,13 +28,15 @@ def _settings(args):
     return load_settings({name: getattr(args, flag, None) for flag, name in FLAG_SETTINGS.items()})
 
 
-def _load(args):
-    """Steps 3-5: a plain CSV through the csv module (no pandas to import), else Synthea.
-
-    A shell user means a path from where they stand; failing that, from the project root.
-    """
+def _data_path(args) -> Path:
+    """A shell user means a path from where they stand; failing that, from the project root."""
     from .constants import project_path
-    path = Path(args.data).resolve() if Path(args.data).exists() else project_path(args.data)
+    return Path(args.data).resolve() if Path(args.data).exists() else project_path(args.data)
+
+
+def _load(args):
+    """Steps 3-5: a plain CSV through the csv module (no pandas to import), else Synthea."""
+    path = _data_path(args)
     if path.is_file() and args.id_col and args.text_col:
         from .csv_rows import read_csv_columns
         return read_csv_columns(path, args.id_col, args.text_col, args.limit), args.id_col, \
@@ -42,39 +45,66 @@ def _load(args):
     return load_input(path, args.id_col, args.text_col, args.limit)
 
 
+def _target(args, id_col: str, text_col: str):
+    from .core import Target
+    return Target(args.table or ("patient_embeddings" if id_col == "patient_id" else "embeddings"),
+                  id_col, text_col)
+
+
 def _prepare(args):
-    """Steps 1-6 shared by `ingest` and `plan`: settings, data, backend, cache, dimension."""
+    """Steps 1-5 shared by `ingest` and `plan`: settings, data, database, backend, cache."""
     from . import db
     from .backends import get_backend
-    from .workflow import discover_dimension, open_cache
+    from .cache_tools import open_cache
 
     settings = _settings(args)
     df, id_col, text_col = _load(args)
-    table = args.table or ("patient_embeddings" if id_col == "patient_id" else "embeddings")
+    target = _target(args, id_col, text_col)
     conn = db.connect(settings)
     backend = get_backend(settings)
     cache = open_cache(settings)
-    print(f"input {args.data}: {len(df[id_col])} rows; table {table}; backend "
-          f"{settings.EMBEDDING_BACKEND} ({backend.model}); cache {cache.path} ({len(cache)} entries)")
-    dim = discover_dimension(settings, backend, conn, table)
-    return settings, df, id_col, text_col, table, conn, backend, cache, dim
+    print(f"input {args.data}: {len(df[id_col])} rows; table {target.table}; backend "
+          f"{settings.EMBEDDING_BACKEND} ({backend.model}); cache {cache.describe()}")
+    return settings, df, target, conn, backend, cache
 
 
 def cmd_ingest(args) -> int:
-    from . import db
-    from .workflow import ingest
+    from .workflow import build_index, ingest
 
-    settings, df, id_col, text_col, table, conn, backend, cache, dim = _prepare(args)
-    report = ingest(df, id_col=id_col, text_col=text_col, table=table, settings=settings,
-                    conn=conn, backend=backend, cache=cache, dim=dim, progress=not args.quiet)
-    if not args.no_index and db.create_hnsw_index(conn, table, dim):
-        print(f"built the HNSW index on {table}")
+    if (_settings(args).EMBED_ENGINE == "ray" and _data_path(args).suffix.lower()
+            in (".csv", ".parquet", "") and args.id_col and args.text_col):
+        return _ingest_ray(args)  # Ray reads the file itself, in blocks
+    settings, df, target, conn, backend, cache = _prepare(args)
+    report = ingest(df, target, settings=settings, conn=conn, backend=backend, cache=cache,
+                    progress=not args.quiet)
+    return _close(args, report, conn, target, settings)
+
+
+def _ingest_ray(args) -> int:
+    from . import db
+    from .engine_ray import ingest_ray
+
+    settings = _settings(args)
+    target = _target(args, args.id_col, args.text_col)
+    print(f"input {args.data} (read by Ray in blocks); table {target.table}; backend "
+          f"{settings.EMBEDDING_BACKEND}")
+    report = ingest_ray(_data_path(args), target, settings=settings, progress=not args.quiet,
+                        limit=args.limit)
+    return _close(args, report, db.connect(settings), target, settings)
+
+
+def _close(args, report, conn, target, settings) -> int:
+    from .workflow import build_index
+    if not args.no_index and report.dim:
+        print(build_index(conn, target, settings, report.dim))
     print("\n".join(report.summary_lines()))
     print(f"total {time.perf_counter() - args.started:.2f} s (start-up included)")
     if args.report:
         report.save(args.report)
     if report.rows_failed:
-        print(f"{report.rows_failed} rows failed: see {report.failures_path}", file=sys.stderr)
+        from .config import relative
+        print(f"{report.rows_failed} rows failed: see {relative(report.failures_path)}",
+              file=sys.stderr)
         return EXIT_ROWS_FAILED
     return 0
 
@@ -83,10 +113,9 @@ def cmd_plan(args) -> int:
     """Step 8 only: counts and estimates; creates nothing (the probe batch is cached)."""
     from .workflow import plan_ingest
 
-    settings, df, id_col, text_col, table, conn, backend, cache, dim = _prepare(args)
-    plan = plan_ingest(df, id_col=id_col, text_col=text_col, table=table, settings=settings,
-                       conn=conn, backend=backend, cache=cache, dim=dim, probe=not args.no_probe)
-    print(plan)
+    settings, df, target, conn, backend, cache = _prepare(args)
+    print(plan_ingest(df, target, settings=settings, conn=conn, backend=backend, cache=cache,
+                      probe=not args.no_probe))
     return 0
 
 
@@ -104,20 +133,64 @@ def cmd_run(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from . import cache_doctor
-    from .cache import compact
-    from .config import load_settings
+    from . import cache_tools
+    from .cache import EmbeddingCache
+    from .config import load_settings, replace_settings
 
     settings = load_settings()
-    path = args.path or settings.EMBED_CACHE_PATH
-    if args.action == "stats":
-        print(cache_doctor.format_stats(cache_doctor.cache_stats(path)))
-    elif args.action == "compact":
-        for key, value in compact(path).items():
+    if args.path:
+        settings = replace_settings(settings, EMBED_CACHE_PATH=args.path,
+                                    EMBED_CACHE_BACKEND="jsonl")
+    if args.action == "compact":
+        if settings.EMBED_CACHE_BACKEND != "jsonl":
+            print("compact: the postgres store needs none (one row per key, nothing torn)")
+            return 0
+        for key, value in cache_tools.compact(settings.EMBED_CACHE_PATH).items():
             print(f"{key}: {value}")
+        return 0
+    if args.action == "stats" and settings.EMBED_CACHE_BACKEND == "jsonl":
+        print(cache_tools.format_stats(cache_tools.cache_stats(settings.EMBED_CACHE_PATH)))
+        return 0
+    store = cache_tools.open_cache(settings) if settings.EMBED_CACHE_BACKEND != "jsonl" \
+        else EmbeddingCache(settings.EMBED_CACHE_PATH, read_only=True)
+    if args.action == "stats":
+        print(cache_tools.format_stats(cache_tools.summary(store)))
+    elif args.action == "export":
+        print(f"exported {cache_tools.export_entries(store, args.file)} entries from "
+              f"{store.describe()} to {args.file}")
+    elif args.action == "import":
+        store = cache_tools.open_cache(settings)
+        print(f"imported {cache_tools.import_entries(args.file, store)} new entries from "
+              f"{args.file} into {store.describe()}")
     else:
-        print(cache_doctor.doctor_report(settings, texts=args.text or None, path=path))
+        from .backends import get_backend
+        from .cache_doctor import doctor_report
+        with get_backend(settings) as backend:
+            print(doctor_report(store, backend.identity(settings.EMBEDDING_DIM),
+                                texts=args.text or None))
     return 0
+
+
+def _add_run_flags(p, name: str) -> None:
+    p.add_argument("--data", default="data/sample/synthea",
+                   help="Synthea folder, or CSV (or, with --engine ray, Parquet) file or folder")
+    p.add_argument("--id-col", help="id column of a CSV")
+    p.add_argument("--text-col", help="text column of a CSV")
+    p.add_argument("--table", help="target table (default patient_embeddings / embeddings)")
+    p.add_argument("--limit", type=int, help="only the first N rows")
+    p.add_argument("--backend", help="EMBEDDING_BACKEND for this run")
+    p.add_argument("--batch-size", help="EMBED_BATCH_SIZE for this run")
+    p.add_argument("--concurrency", help="EMBED_MAX_CONCURRENCY for this run")
+    if name == "ingest":
+        p.add_argument("--engine", choices=("local", "ray"), help="EMBED_ENGINE for this run")
+        p.add_argument("--ray-address", help="RAY_ADDRESS: join this Ray cluster")
+        p.add_argument("--workers", help="EMBED_WORKERS: Ray workers")
+        p.add_argument("--report", help="also save the run report as JSON here")
+        p.add_argument("--no-index", action="store_true", help="no HNSW index, whatever EMBED_INDEX")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    else:
+        p.add_argument("--no-probe", action="store_true",
+                       help="no timing request (estimate only with EMBED_EXPECTED_TEXTS_PER_S)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,37 +202,30 @@ def build_parser() -> argparse.ArgumentParser:
                              ("plan", cmd_plan, "Step 8: what a run would do and cost")):
         p = sub.add_parser(name, help=text)
         p.set_defaults(func=func)
-        p.add_argument("--data", default="data/sample/synthea",
-                       help="Synthea folder or CSV file (relative: from here, else the project root)")
-        p.add_argument("--id-col", help="id column of a CSV")
-        p.add_argument("--text-col", help="text column of a CSV")
-        p.add_argument("--table", help="target table (default patient_embeddings / embeddings)")
-        p.add_argument("--limit", type=int, help="only the first N rows")
-        p.add_argument("--backend", help="EMBEDDING_BACKEND for this run")
-        p.add_argument("--batch-size", help="EMBED_BATCH_SIZE for this run")
-        p.add_argument("--concurrency", help="EMBED_MAX_CONCURRENCY for this run")
-        if name == "ingest":
-            p.add_argument("--report", help="also save the run report as JSON here")
-            p.add_argument("--no-index", action="store_true", help="skip the HNSW index")
-            p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-        else:
-            p.add_argument("--no-probe", action="store_true",
-                           help="no timing request (estimate only with EMBED_EXPECTED_TEXTS_PER_S)")
+        _add_run_flags(p, name)
     p = sub.add_parser("run", help="execute notebooks/run.ipynb with papermill")
     p.set_defaults(func=cmd_run)
     p.add_argument("--param", "-p", action="append", default=[], metavar="NAME=VALUE",
                    help="notebook parameter, repeatable (e.g. --param EMBED_BATCH_SIZE=128)")
     p.add_argument("--out", help="executed notebook path (default runs/run-<UTC time>.ipynb)")
-    p = sub.add_parser("cache", help="inspect or repair the embedding cache")
+    p = sub.add_parser("cache", help="inspect, repair or move the embedding cache")
     p.set_defaults(func=cmd_cache)
-    p.add_argument("action", choices=("stats", "doctor", "compact"))
-    p.add_argument("--path", help="cache file (default EMBED_CACHE_PATH)")
+    p.add_argument("action", choices=("stats", "doctor", "compact", "export", "import"))
+    p.add_argument("file", nargs="?", help="import: the JSONL file to read")
+    p.add_argument("--to", dest="export_to", help="export: the JSONL file to write")
+    p.add_argument("--path", help="a JSONL cache file instead of the configured store")
     p.add_argument("--text", action="append", help="doctor: explain why this text misses")
     return parser
 
 
 def main(argv=None, started: float | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "cache" and args.action in ("export", "import"):
+        args.file = args.export_to if args.action == "export" else args.file
+        if not args.file:
+            parser.error(f"cache {args.action} needs a file: "
+                         + ("--to FILE.jsonl" if args.action == "export" else "FILE.jsonl"))
     args.started = started or time.perf_counter()
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -16,12 +16,13 @@ from typing import Any, Callable, Mapping
 
 from dotenv import dotenv_values
 
-from .constants import DEFAULT_CACHE_PATH, DEFAULT_PGDATA, PROJECT_ROOT, project_path
+from .backends import DEFAULT_BACKEND, REGISTRY
+from .constants import (DEFAULT_CACHE_PATH, DEFAULT_PGDATA, DEFAULT_RUNS_DIR, PROJECT_ROOT,
+                        project_path)
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("local", "ollama", "llm_api")
 ENCODINGS = ("float", "base64")
 LOCAL_MODEL_DEFAULT = "all-MiniLM-L6-v2"
 
@@ -113,6 +114,25 @@ def _url(value: Any) -> str:
     return text
 
 
+def _urls(value: Any) -> str:
+    """One URL or a comma-separated list of servers that serve the same model.
+
+    >>> _urls(" http://a:1/ , http://b:2")
+    'http://a:1,http://b:2'
+    """
+    parts = [p for p in str(value).split(",") if p.strip()]
+    if not parts:
+        raise ValueError("expected one or more http(s):// URLs separated by commas")
+    return ",".join(_url(p) for p in parts)
+
+
+def urls(value: str) -> list[str]:
+    """The servers of a URL-list setting (OLLAMA_HOST, OPENAI_BASE_URL)."""
+    return [u for u in value.split(",") if u]
+
+
+
+
 def _text(value: Any) -> str:
     text = str(value).strip()
     if not text:
@@ -136,25 +156,36 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
 class Settings:
     """Every knob of a run. Build with `load_settings()`, not directly."""
 
-    EMBEDDING_BACKEND: str = "local"
+    EMBEDDING_BACKEND: str = DEFAULT_BACKEND
+    EMBED_ENGINE: str = "local"
     EMBED_BATCH_SIZE: int = 64
     EMBED_MAX_RETRIES: int = 5
     EMBED_BACKOFF_MS: int = 500
     EMBED_MAX_CONCURRENCY: int = 1
     EMBEDDING_TIMEOUT: float = 60.0
     EMBEDDING_DIM: int | None = None
-    EMBED_ENCODING: str = "float"
+    EMBED_ENCODING: str = "base64"
+    EMBED_LONG_TEXTS: str = "chunk"
+    EMBED_CHUNK_OVERLAP: int = 32
+    EMBED_MAX_INPUT_TOKENS: int | None = None
+    EMBED_MAX_TOKENS_PER_REQUEST: int | None = None
     OLLAMA_HOST: str = "http://localhost:11434"
     OLLAMA_EMBED_MODEL: str = "nomic-embed-text"
     OPENAI_BASE_URL: str = "https://api.openai.com/v1"
     OPENAI_API_KEY: Secret | None = None
     OPENAI_EMBED_MODEL: str = "text-embedding-3-small"
     LOCAL_EMBED_MODEL: str = LOCAL_MODEL_DEFAULT
+    EMBED_CACHE_BACKEND: str = "jsonl"
     EMBED_CACHE_PATH: Path = DEFAULT_CACHE_PATH
+    EMBED_CACHE_URL: Secret | None = None
     EMBED_CACHE_ONLY: bool = False
     DATABASE_URL: Secret | None = None
     EMBED_PGDATA: Path = DEFAULT_PGDATA
     UPSERT: bool = True
+    EMBED_INDEX: str = "auto"
+    EMBED_RUNS_DIR: Path = DEFAULT_RUNS_DIR
+    EMBED_WORKERS: int | None = None
+    RAY_ADDRESS: str | None = None
     EMBED_EXPECTED_TEXTS_PER_S: float | None = None
     GPU_HOURLY_USD: float | None = None
 
@@ -163,42 +194,50 @@ class Settings:
         return "Settings(" + ", ".join(parts) + ")"
 
     def describe(self) -> list[tuple[str, str]]:
-        """(name, printable value) pairs, secrets masked: for Step 1 and the CLI."""
+        """(name, printable value) pairs, secrets masked, paths from the project root."""
         return [(name, display(self, name)) for name in setting_names()]
 
-    @property
-    def model(self) -> str:
-        """The model name of the chosen backend."""
-        return {"local": self.LOCAL_EMBED_MODEL, "ollama": self.OLLAMA_EMBED_MODEL,
-                "llm_api": self.OPENAI_EMBED_MODEL}[self.EMBEDDING_BACKEND]
 
+_secret = _optional(lambda v: Secret(_text(v)))
 
 #: name -> (parser, help). The order is the order of GUIDE.md's table and `.env.example`.
 SPEC: dict[str, tuple[Callable[[Any], Any], str]] = {
-    "EMBEDDING_BACKEND": (_choice(*BACKENDS), "local (in-process, offline), ollama or llm_api (OpenAI-compatible)"),
+    "EMBEDDING_BACKEND": (_choice(*REGISTRY), f"which backend embeds: {', '.join(REGISTRY)} (GUIDE.md, Backends)"),
+    "EMBED_ENGINE": (_choice("local", "ray"), "local (threads in this process) or ray (a Ray cluster)"),
     "EMBED_BATCH_SIZE": (_int(1), "texts per embedding request"),
     "EMBED_MAX_RETRIES": (_int(0), "retries per request on 408/409/429/5xx, timeouts, connection errors"),
     "EMBED_BACKOFF_MS": (_int(0), "first retry delay in ms; doubles each attempt (capped, jittered)"),
-    "EMBED_MAX_CONCURRENCY": (_int(1), "embedding requests in flight at once"),
+    "EMBED_MAX_CONCURRENCY": (_int(1), "embedding requests in flight at once, per server"),
     "EMBEDDING_TIMEOUT": (_float(0.1), "seconds to wait for one response"),
-    "EMBEDDING_DIM": (_optional(_int(1)), "expected dimension; unset = discovered at Step 6"),
-    "EMBED_ENCODING": (_choice(*ENCODINGS), "llm_api response encoding: float, or base64 (smaller, faster)"),
-    "OLLAMA_HOST": (_url, "Ollama server URL"),
+    "EMBEDDING_DIM": (_optional(_int(1)), "expected dimension; unset = from the table, the cache or the first batch"),
+    "EMBED_ENCODING": (_choice(*ENCODINGS), "OpenAI-compatible response encoding: base64 (smaller; float if the server refuses) or float"),
+    "EMBED_LONG_TEXTS": (_choice("chunk", "truncate", "fail"), "texts over the model's window: chunk (with overlap), truncate (warned), or fail"),
+    "EMBED_CHUNK_OVERLAP": (_int(0), "tokens shared by neighbouring chunks of a long text"),
+    "EMBED_MAX_INPUT_TOKENS": (_optional(_int(1)), "tokens one input may hold; unset = the model's own window"),
+    "EMBED_MAX_TOKENS_PER_REQUEST": (_optional(_int(0)), "tokens one request may carry; unset = the backend's limit (OpenAI's 300,000), 0 = none"),
+    "OLLAMA_HOST": (_urls, "Ollama server URL, or several separated by commas"),
     "OLLAMA_EMBED_MODEL": (_text, "Ollama embedding model"),
-    "OPENAI_BASE_URL": (_url, "OpenAI-compatible base URL, including /v1"),
-    "OPENAI_API_KEY": (_optional(lambda v: Secret(_text(v))), "API key (secret; sent as Bearer token)"),
+    "OPENAI_BASE_URL": (_urls, "OpenAI-compatible base URL including /v1, or several separated by commas"),
+    "OPENAI_API_KEY": (_secret, "API key (secret; sent as Bearer token)"),
     "OPENAI_EMBED_MODEL": (_text, "model name sent to the OpenAI-compatible server"),
     "LOCAL_EMBED_MODEL": (_text, "sentence-transformers model: the bundled name, or a path"),
+    "EMBED_CACHE_BACKEND": (_choice("jsonl", "postgres"), "where the cache lives: jsonl (a file) or postgres (a table every machine shares)"),
     "EMBED_CACHE_PATH": (_path, "JSONL embedding cache; relative paths are from the project root"),
+    "EMBED_CACHE_URL": (_secret, "PostgreSQL of the postgres cache; unset = the run's database"),
     "EMBED_CACHE_ONLY": (_bool, "never call the backend; cache misses become failures"),
-    "DATABASE_URL": (_optional(lambda v: Secret(_text(v))), "PostgreSQL URL; unset = embedded server in .pgdata/"),
+    "DATABASE_URL": (_secret, "PostgreSQL URL; unset = embedded server in .pgdata/"),
     "EMBED_PGDATA": (_path, "data folder of the embedded server (when DATABASE_URL is unset)"),
     "UPSERT": (_bool, "update rows whose id exists (ON CONFLICT DO UPDATE); off = keep them"),
+    "EMBED_INDEX": (_choice("auto", "always", "never"), "HNSW index after the load: auto (from 20,000 rows), always, never"),
+    "EMBED_RUNS_DIR": (_path, "where failure lists and reports go; relative paths are from the project root"),
+    "EMBED_WORKERS": (_optional(_int(1)), "Ray workers; unset = one per GPU (local) or per server"),
+    "RAY_ADDRESS": (_optional(_text), "Ray cluster to join (ray://host:10001 or host:6379); unset = a local Ray"),
     "EMBED_EXPECTED_TEXTS_PER_S": (_optional(_float(0.001)), "throughput for the plan's estimate; unset = probe"),
     "GPU_HOURLY_USD": (_optional(_float(0)), "price per hour of the embedding machine, for cost figures"),
 }
 
-SECRET_NAMES = ("OPENAI_API_KEY", "DATABASE_URL")
+SECRET_NAMES = ("OPENAI_API_KEY", "DATABASE_URL", "EMBED_CACHE_URL")
+URL_NAMES = ("DATABASE_URL", "EMBED_CACHE_URL")
 
 
 def setting_names() -> list[str]:
@@ -210,11 +249,29 @@ def display(settings: Settings, name: str) -> str:
     value = getattr(settings, name)
     if value is None:
         return ""
-    if name == "DATABASE_URL":
+    if name in URL_NAMES:
         return mask_url(value)
     if name in SECRET_NAMES:
         return mask(value)
+    if isinstance(value, Path):
+        return relative(value)
+    if name in ("OLLAMA_HOST", "OPENAI_BASE_URL"):
+        return ",".join(mask_url(u) for u in urls(value))
     return str(value)
+
+
+def relative(path: Path | str) -> str:
+    """A path as printed: from the project root when inside it, so that outputs carry no
+    path of the machine that ran them.
+
+    >>> relative(PROJECT_ROOT / ".cache" / "x.jsonl"), relative("/elsewhere/x")
+    ('.cache/x.jsonl', '/elsewhere/x')
+    """
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None, *,
@@ -252,10 +309,6 @@ def load_settings(overrides: Mapping[str, Any] | None = None, *,
                                             f"the environment or {env_path}.") from None
                 break
     settings = Settings(**values)
-    if settings.EMBEDDING_BACKEND == "llm_api" and "api.openai.com" in settings.OPENAI_BASE_URL \
-            and not settings.OPENAI_API_KEY:
-        raise ConfigError("OPENAI_API_KEY", "is required for api.openai.com; set it in .env "
-                                            "(never in the notebook).")
     log.debug("settings loaded: %r", settings)
     return settings
 

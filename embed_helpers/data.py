@@ -64,7 +64,7 @@ def load_table(path: str | Path, id_col: str, text_col: str,
     """Step 3 for a plain CSV: read only the id and text columns, ids as strings.
 
     Rows come back as read: empty texts and repeated ids are the plan's business
-    (`plan.prepare_input` lists and resolves them); an empty id becomes missing (None) so it
+    (`core.prepare` lists and resolves them); an empty id becomes missing (None) so it
     is reported rather than stored as "".
 
     Returns:
@@ -74,15 +74,9 @@ def load_table(path: str | Path, id_col: str, text_col: str,
     p = project_path(path)
     if not p.is_file():
         raise _missing(p, "CSV file")
-    header = _header(p)
-    absent = [c for c in (id_col, text_col) if c not in header]
-    if absent:
-        raise DataError(f"{p.name} has no column {', '.join(map(repr, absent))}; its columns "
-                        f"are: {', '.join(header)}. Set ID_COL and TEXT_COL to two of them.")
-    # keep_default_na=False: an id like "NA" is an id, not a missing value.
-    df = pd.read_csv(p, usecols=[id_col, text_col], dtype=str, keep_default_na=False,
-                     nrows=limit)[[id_col, text_col]]
-    df[id_col] = df[id_col].str.strip().replace("", None)
+    from .csv_rows import read_csv_columns  # the one CSV reader: strict about quotes
+    df = pd.DataFrame(read_csv_columns(p, id_col, text_col, limit), columns=[id_col, text_col],
+                      dtype=object)
     logger.info("loaded %d rows from %s", len(df), p)
     return df
 
@@ -264,9 +258,12 @@ def build_contexts(tables: dict[str, pd.DataFrame], *,
               for n in ("conditions", "medications", "allergies", "careplans")}
     sections = {n: _items(df, df["DESCRIPTION"].map(label)) for n, df in active.items()}
     plans = active["careplans"]
-    reason = plans["REASONDESCRIPTION"].map(label, na_action="ignore")
-    sections["careplans"] = _items(plans, plans["DESCRIPTION"].map(label).where(
-        reason.isna(), plans["DESCRIPTION"].map(label) + " (for " + reason + ")"))
+    # Built per row, not with Series arithmetic: with pyarrow installed, pandas gives an
+    # all-missing reason column a float dtype, and "str + float" raises.
+    sections["careplans"] = _items(plans, pd.Series(
+        [label(d) if pd.isna(r) else f"{label(d)} (for {label(r)})"
+         for d, r in zip(plans["DESCRIPTION"], plans["REASONDESCRIPTION"])],
+        index=plans.index, dtype=object))
     imm = tables["immunizations"].dropna(subset=["DESCRIPTION"])
     latest = imm.groupby(["PATIENT", "DESCRIPTION"], as_index=False)["DATE"].max()
     sections["immunizations"] = _items(latest, latest["DESCRIPTION"] + latest["DATE"].map(

@@ -1,7 +1,9 @@
-"""Thin, explicit SQL: connect, create the table, find unchanged rows, write, index, search.
+"""Thin, explicit SQL: connect, create tables, find unchanged rows, write.
 
-Every write is keyed by row id and idempotent, so many workers can ingest shards
-of one data set into one PostgreSQL at once and a rerun never duplicates rows.
+Every write is keyed by row id and idempotent, so many workers can ingest shards of one
+data set into one PostgreSQL at once and a rerun never duplicates rows. Every function
+passes `db_guard.guarded`: a server that fails or goes away becomes a `DatabaseError`
+that says what to do. Search and the index are in `search`.
 """
 from __future__ import annotations
 
@@ -18,37 +20,43 @@ from psycopg2 import sql
 from psycopg2.extras import execute_values
 
 from .config import Settings, mask_url
-from .constants import HNSW_MAX_VECTOR_DIM, INDEX_MAINTENANCE_WORK_MEM, LOOKUP_CHUNK_IDS
-from .errors import DataError
+from .constants import COPY_BUFFER_BYTES, LOOKUP_CHUNK_IDS
+from .db_guard import EXTERNAL, check_once, guarded
+from .errors import DatabaseError, DataError
 
 log = logging.getLogger(__name__)
 
 STAGE_TABLE = "_embed_helpers_stage"
-#: psycopg2 feeds COPY in chunks of this size; its 8 KB default means thousands of
-#: Python calls per batch, each taking the GIL from the embedding threads.
-COPY_BUFFER_BYTES = 1 << 20
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_ROWS_FIELDS, _CHUNK_FIELDS = struct.pack(">h", 3), struct.pack(">h", 5)
 
 
 def connect(settings: Settings):
-    """A connection with pgvector ready: DATABASE_URL, or the embedded server."""
+    """A connection with pgvector ready: DATABASE_URL, or the embedded server (checked
+    once per data folder: see `db_guard.check_once`)."""
+    pgdata = None
     if settings.DATABASE_URL:
         url, where = str(settings.DATABASE_URL), mask_url(settings.DATABASE_URL)
     else:
         from .pg_embedded import embedded_uri
-        url = embedded_uri(settings.EMBED_PGDATA)
+        pgdata = Path(settings.EMBED_PGDATA)
+        url = embedded_uri(pgdata)
         where = f"embedded PostgreSQL ({settings.EMBED_PGDATA})"
     try:
         conn = psycopg2.connect(url)
     except psycopg2.OperationalError as exc:
-        raise DataError(f"Cannot connect to PostgreSQL at {where}: {str(exc).strip()}. "
-                        "Check DATABASE_URL, or unset it to use the embedded server.") from None
+        raise DatabaseError(f"Cannot connect to PostgreSQL at {where}: {str(exc).strip()}. "
+                            "Check DATABASE_URL, or unset it to use the embedded server.") from None
     ensure_vector_extension(conn)
     register_vector(conn)
+    conn.rollback()  # register_vector's lookup left a transaction open
+    if pgdata is not None:
+        check_once(conn, pgdata)
     log.info("connected to %s", where)
     return conn
 
 
+@guarded("creating the vector extension")
 def ensure_vector_extension(conn) -> None:
     """CREATE EXTENSION IF NOT EXISTS vector, safe when several workers race to it."""
     with conn.cursor() as cur:
@@ -61,8 +69,13 @@ def ensure_vector_extension(conn) -> None:
             conn.commit()
         except psycopg2.errors.UniqueViolation:  # another worker created it meanwhile
             conn.rollback()
+        except psycopg2.errors.FeatureNotSupported as exc:
+            conn.rollback()
+            raise DatabaseError(f"This PostgreSQL has no pgvector ({str(exc).strip()}). "
+                                f"{EXTERNAL}.") from None
 
 
+@guarded("asking the server for its versions")
 def server_info(conn) -> dict:
     """Where the server is, and its PostgreSQL and pgvector versions (Step 2)."""
     with conn.cursor() as cur:
@@ -76,6 +89,7 @@ def server_info(conn) -> dict:
     return {"server": where, "postgresql": pg, "pgvector": vector}
 
 
+@guarded("reading the dimension of {table}")
 def table_dimension(conn, table: str) -> int | None:
     """The dimension of `table.embedding`, or None when the table does not exist."""
     with conn.cursor() as cur:
@@ -86,37 +100,69 @@ def table_dimension(conn, table: str) -> int | None:
     return row[0] if row and row[0] > 0 else None
 
 
+@guarded("creating {table}")
 def create_table(conn, table: str, id_col: str, text_col: str, dim: int) -> None:
     """CREATE TABLE IF NOT EXISTS, and refuse a table made for another dimension."""
+    _create(conn, table, dim, sql.SQL("CREATE TABLE IF NOT EXISTS {t} ({id} text PRIMARY KEY, "
+                                      "{text} text NOT NULL, embedding vector({dim}))").format(
+        t=sql.Identifier(table), id=sql.Identifier(id_col), text=sql.Identifier(text_col),
+        dim=sql.Literal(dim)))
+
+
+@guarded("creating {table}")
+def create_chunks_table(conn, table: str, id_col: str, dim: int) -> None:
+    """`<table>_chunks`: one vector per chunk of a long row, with its character span."""
+    _create(conn, table, dim, sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {t} ({id} text NOT NULL, chunk int NOT NULL, "
+        "char_start int NOT NULL, char_end int NOT NULL, embedding vector({dim}) NOT NULL, "
+        "PRIMARY KEY ({id}, chunk))").format(t=sql.Identifier(table), id=sql.Identifier(id_col),
+                                            dim=sql.Literal(dim)))
+
+
+def _create(conn, table: str, dim: int, statement: sql.Composable) -> None:
     existing = table_dimension(conn, table)
     if existing is not None and existing != dim:
         raise DataError(f"Table {table} stores vectors of dimension {existing}, but the model "
                         f"gives {dim}. Use another TABLE_NAME (or --table), or drop the table "
                         "if its vectors came from another model.")
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {t} ({id} text PRIMARY KEY, "
-                            "{text} text NOT NULL, embedding vector({dim}))").format(
-            t=sql.Identifier(table), id=sql.Identifier(id_col), text=sql.Identifier(text_col),
-            dim=sql.Literal(dim)))
-    conn.commit()
+    if existing is not None:
+        return
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement)
+        conn.commit()
+    except (psycopg2.errors.UniqueViolation, psycopg2.errors.DuplicateTable):
+        conn.rollback()  # another worker created it at the same moment: IF NOT EXISTS races
+        _create(conn, table, dim, statement)
 
 
-def stored_text_hashes(conn, table: str, id_col: str, text_col: str,
-                       ids: Sequence[str]) -> dict[str, str]:
-    """md5 of the stored text for ids that already have a vector.
+@guarded("reading which rows of {table} are stored")
+def stored_state(conn, table: str, id_col: str, text_col: str, chunks_table: str,
+                 ids: Sequence[str]) -> dict[str, tuple[str, bool]]:
+    """id -> (md5 of the stored text, whether it has chunks) for ids that have a vector.
 
-    Comparing md5 in SQL needs no extra column, so an existing table works as is.
+    Comparing md5 needs no extra column, so an existing table works as is.
     """
-    found: dict[str, str] = {}
-    query = sql.SQL("SELECT {id}, md5({text}) FROM {t} WHERE {id} = ANY(%s) "
-                    "AND embedding IS NOT NULL").format(
-        t=sql.Identifier(table), id=sql.Identifier(id_col), text=sql.Identifier(text_col))
+    if table_dimension(conn, table) is None:
+        return {}
+    names = dict(t=sql.Identifier(table), id=sql.Identifier(id_col), text=sql.Identifier(text_col),
+                 c=sql.Identifier(chunks_table))
+    has_chunks = sql.SQL("EXISTS (SELECT 1 FROM {c} WHERE {c}.{id} = {t}.{id})").format(**names) \
+        if table_dimension(conn, chunks_table) else sql.SQL("false")
+    query = sql.SQL("SELECT {id}, md5({text}), {has} FROM {t} WHERE {id} = ANY(%s) "
+                    "AND embedding IS NOT NULL").format(has=has_chunks, **names)
+    found: dict[str, tuple[str, bool]] = {}
     with conn.cursor() as cur:
         for start in range(0, len(ids), LOOKUP_CHUNK_IDS):
             cur.execute(query, (list(ids[start:start + LOOKUP_CHUNK_IDS]),))
-            found.update(cur.fetchall())
+            found.update((row_id, (md5, chunked)) for row_id, md5, chunked in cur.fetchall())
     conn.rollback()
     return found
+
+
+def _vector_field(vector: np.ndarray) -> bytes:
+    data = np.ascontiguousarray(vector, dtype=">f4").tobytes()
+    return struct.pack(">ihh", 4 + len(data), len(data) // 4, 0) + data
 
 
 def _copy_payload(ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray) -> bytes:
@@ -132,7 +178,7 @@ def _copy_payload(ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray)
     out.write(_COPY_HEADER)
     for i, (row_id, text) in enumerate(zip(ids, texts)):
         id_bytes, text_bytes = row_id.encode(), text.encode()
-        out.write(struct.pack(">hi", 3, len(id_bytes)))
+        out.write(_ROWS_FIELDS + struct.pack(">i", len(id_bytes)))
         out.write(id_bytes)
         out.write(struct.pack(">i", len(text_bytes)))
         out.write(text_bytes)
@@ -142,53 +188,92 @@ def _copy_payload(ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray)
     return out.getvalue()
 
 
+def _chunks_payload(chunks: Sequence[tuple[str, int, int, int, np.ndarray]]) -> bytes:
+    """Binary COPY rows (id text, chunk int, char_start int, char_end int, embedding)."""
+    out = io.BytesIO()
+    out.write(_COPY_HEADER)
+    for row_id, number, start, end, vector in chunks:
+        id_bytes = row_id.encode()
+        out.write(_CHUNK_FIELDS + struct.pack(">i", len(id_bytes)) + id_bytes)
+        out.write(struct.pack(">iiiiii", 4, number, 4, start, 4, end))
+        out.write(_vector_field(vector))
+    out.write(b"\xff\xff")
+    return out.getvalue()
+
+
+def _copy(conn, cur, table: str, columns: list[str], payload: bytes) -> None:
+    statement = sql.SQL("COPY {t} ({cols}) FROM STDIN WITH (FORMAT binary)").format(
+        t=sql.Identifier(table), cols=sql.SQL(", ").join(map(sql.Identifier, columns)))
+    cur.copy_expert(statement.as_string(conn), io.BytesIO(payload), size=COPY_BUFFER_BYTES)
+
+
+@guarded("writing rows to {table}")
 def write_rows(conn, table: str, id_col: str, text_col: str, ids: Sequence[str],
                texts: Sequence[str], vectors: np.ndarray, *, upsert: bool = True,
-               method: str = "copy", assume_new: bool = False) -> int:
-    """Write one batch and commit. Returns the number of rows sent.
+               method: str = "copy", assume_new: bool = False, chunks: Sequence = (),
+               chunks_table: str | None = None) -> int:
+    """Write one batch, and the chunks of its long rows, in one transaction.
 
     `method="copy"`: binary COPY into a temporary staging table, then one
     INSERT ... ON CONFLICT. With `assume_new` (no id of the batch was stored when the run
     was planned) the rows are copied straight into the table, about twice as fast; if
     another writer stored one of them meanwhile, the batch falls back to the upsert.
     `method="execute_values"`: the classic path. Ids must be unique within the batch.
+    Chunks (id, number, start, end, vector) replace every chunk stored for these ids.
     """
     if not len(ids):
         return 0
+    # Decided before the transaction starts: these statements end their own transactions.
+    replace_chunks = bool(chunks_table) and (bool(chunks) or table_dimension(conn, chunks_table))
+    if chunks and table_dimension(conn, chunks_table) is None:
+        create_chunks_table(conn, chunks_table, id_col, vectors.shape[1])
     names = dict(t=sql.Identifier(table), id=sql.Identifier(id_col), text=sql.Identifier(text_col))
     conflict = _conflict(upsert, id_col, text_col)
+    written = None  # the ids written, when not all of them were (UPSERT off)
     with conn.cursor() as cur:
         if method == "copy":
             payload = _copy_payload(ids, texts, vectors)
-            if assume_new and _copy_new_rows(conn, cur, table, id_col, text_col, payload):
-                conn.commit()
-                return len(ids)
-            cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {s} (id text, txt text, "
-                                "embedding vector) ON COMMIT DELETE ROWS").format(
-                s=sql.Identifier(STAGE_TABLE)))
-            cur.copy_expert(sql.SQL("COPY {s} FROM STDIN WITH (FORMAT binary)").format(
-                s=sql.Identifier(STAGE_TABLE)).as_string(conn), io.BytesIO(payload),
-                size=COPY_BUFFER_BYTES)
-            cur.execute(sql.SQL("INSERT INTO {t} ({id}, {text}, embedding) "
-                                "SELECT id, txt, embedding FROM {s} ").format(
-                s=sql.Identifier(STAGE_TABLE), **names) + conflict)
+            if not (assume_new and _copy_new_rows(conn, cur, table, id_col, text_col, payload)):
+                cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {s} (id text, txt text, "
+                                    "embedding vector) ON COMMIT DELETE ROWS").format(
+                    s=sql.Identifier(STAGE_TABLE)))
+                _copy(conn, cur, STAGE_TABLE, ["id", "txt", "embedding"], payload)
+                returning = sql.SQL("") if upsert else sql.SQL(" RETURNING {id}").format(**names)
+                cur.execute(sql.SQL("INSERT INTO {t} ({id}, {text}, embedding) "
+                                    "SELECT id, txt, embedding FROM {s} ").format(
+                    s=sql.Identifier(STAGE_TABLE), **names) + conflict + returning)
+                if not upsert:
+                    written = {r[0] for r in cur.fetchall()}
         elif method == "execute_values":
             execute_values(cur, sql.SQL("INSERT INTO {t} ({id}, {text}, embedding) VALUES %s ")
                            .format(**names).as_string(conn) + conflict.as_string(conn),
                            list(zip(ids, texts, vectors)), page_size=len(ids))
         else:
             raise ValueError(f"unknown write method {method!r}: copy or execute_values")
+        if replace_chunks:  # rows kept as they were (UPSERT off) keep their chunks too
+            _replace_chunks(conn, cur, chunks_table, id_col,
+                            [i for i in ids if written is None or i in written],
+                            [c for c in chunks if written is None or c[0] in written])
     conn.commit()
     return len(ids)
+
+
+def _replace_chunks(conn, cur, table: str, id_col: str, ids: Sequence[str],
+                    chunks: Sequence) -> None:
+    """Delete the stored chunks of `ids` and copy in the new ones (same transaction). The
+    row table's row locks, taken first, keep two writers of one id from interleaving."""
+    cur.execute(sql.SQL("DELETE FROM {t} WHERE {id} = ANY(%s)").format(
+        t=sql.Identifier(table), id=sql.Identifier(id_col)), (list(ids),))
+    if chunks:
+        _copy(conn, cur, table, [id_col, "chunk", "char_start", "char_end", "embedding"],
+              _chunks_payload(chunks))
 
 
 def _copy_new_rows(conn, cur, table: str, id_col: str, text_col: str, payload: bytes) -> bool:
     """COPY straight into the table; False (nothing written) when an id already exists."""
     cur.execute("SAVEPOINT new_rows")
     try:
-        copy = sql.SQL("COPY {t} ({id}, {text}, embedding) FROM STDIN WITH (FORMAT binary)").format(
-            t=sql.Identifier(table), id=sql.Identifier(id_col), text=sql.Identifier(text_col))
-        cur.copy_expert(copy.as_string(conn), io.BytesIO(payload), size=COPY_BUFFER_BYTES)
+        _copy(conn, cur, table, [id_col, text_col, "embedding"], payload)
     except psycopg2.errors.UniqueViolation:
         cur.execute("ROLLBACK TO SAVEPOINT new_rows")  # another writer got there first
         return False
@@ -205,75 +290,44 @@ def _conflict(upsert: bool, id_col: str, text_col: str) -> sql.Composable:
         id=sql.Identifier(id_col), text=sql.Identifier(text_col))
 
 
+@guarded("writing a row to {table}")
 def insert_one(conn, table: str, id_col: str, text_col: str, row_id: str, text: str,
-               vector: np.ndarray) -> None:
-    """Step 9's per-row write: one INSERT and one commit (kept as the slow baseline)."""
+               vector: np.ndarray, chunks: Sequence = ()) -> None:
+    """Step 9's per-row write: one INSERT (and its chunks) and one commit (the baseline)."""
+    chunks_table = f"{table}_chunks"
+    replace_chunks = bool(chunks) or table_dimension(conn, chunks_table)
+    if chunks and table_dimension(conn, chunks_table) is None:
+        create_chunks_table(conn, chunks_table, id_col, len(vector))
     with conn.cursor() as cur:
         cur.execute(sql.SQL("INSERT INTO {t} ({id}, {text}, embedding) VALUES (%s, %s, %s) ")
                     .format(t=sql.Identifier(table), id=sql.Identifier(id_col),
                             text=sql.Identifier(text_col)) + _conflict(True, id_col, text_col),
                     (row_id, text, np.asarray(vector, dtype=np.float32)))
+        if replace_chunks:
+            _replace_chunks(conn, cur, chunks_table, id_col, [row_id], chunks)
     conn.commit()
 
 
+@guarded("counting the rows of {table}")
 def count_rows(conn, table: str) -> dict:
-    """Rows, rows with a vector, and the distinct dimensions stored."""
+    """Rows, rows with a vector, the distinct dimensions stored, and chunks of long rows."""
     with conn.cursor() as cur:
         cur.execute(sql.SQL("SELECT count(*), count(embedding), "
                             "array_agg(DISTINCT vector_dims(embedding)) FROM {t}").format(
             t=sql.Identifier(table)))
         rows, with_vector, dims = cur.fetchone()
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{table}_chunks",))
+        chunks = 0
+        if cur.fetchone()[0]:
+            cur.execute(sql.SQL("SELECT count(*) FROM {t}").format(
+                t=sql.Identifier(f"{table}_chunks")))
+            chunks = cur.fetchone()[0]
     conn.rollback()
-    return {"rows": rows, "with_vector": with_vector, "dims": sorted(d for d in dims or [] if d)}
+    return {"rows": rows, "with_vector": with_vector, "dims": sorted(d for d in dims or [] if d),
+            "chunks": chunks}
 
 
-def _index_name(table: str) -> str:
-    return f"{table}_embedding_hnsw"
-
-
-def _vector_expr(dim: int) -> sql.Composable:
-    # HNSW indexes `vector` up to 2,000 dimensions; above that, index a halfvec cast.
-    if dim > HNSW_MAX_VECTOR_DIM:
-        return sql.SQL("(embedding::halfvec({d}))").format(d=sql.Literal(dim))
-    return sql.SQL("embedding")
-
-
-def create_hnsw_index(conn, table: str, dim: int) -> bool:
-    """Build the cosine HNSW index after the bulk load; False when it already exists."""
-    name = _index_name(table)
-    with conn.cursor() as cur:
-        cur.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s", (name,))
-        if cur.fetchone():
-            conn.rollback()
-            return False
-        ops = "halfvec_cosine_ops" if dim > HNSW_MAX_VECTOR_DIM else "vector_cosine_ops"
-        cur.execute(sql.SQL("SET LOCAL maintenance_work_mem = {m}").format(
-            m=sql.Literal(INDEX_MAINTENANCE_WORK_MEM)))
-        cur.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {n} ON {t} USING hnsw ({e} {ops})").format(
-            n=sql.Identifier(name), t=sql.Identifier(table), e=_vector_expr(dim), ops=sql.SQL(ops)))
-    conn.commit()
-    return True
-
-
-def search(conn, table: str, id_col: str, text_col: str, query_vector: np.ndarray,
-           k: int = 5) -> list[tuple[str, float, str]]:
-    """Nearest rows by cosine distance: (id, similarity, text preview)."""
-    dim = len(query_vector)
-    expr = _vector_expr(dim)
-    qcast = sql.SQL("%s::halfvec({d})").format(d=sql.Literal(dim)) if dim > HNSW_MAX_VECTOR_DIM \
-        else sql.SQL("%s::vector")
-    query = sql.SQL("SELECT {id}, 1 - ({e} <=> {q}), left({text}, 400) FROM {t} "
-                    "WHERE embedding IS NOT NULL ORDER BY {e} <=> {q} LIMIT {k}").format(
-        id=sql.Identifier(id_col), text=sql.Identifier(text_col), t=sql.Identifier(table),
-        e=expr, q=qcast, k=sql.Literal(k))
-    vec = np.asarray(query_vector, dtype=np.float32)
-    with conn.cursor() as cur:
-        cur.execute(query, (vec, vec))
-        rows = [(r[0], round(float(r[1]), 4), r[2]) for r in cur.fetchall()]
-    conn.rollback()
-    return rows
-
-
+@guarded("reading vectors of {table}")
 def fetch_vectors(conn, table: str, id_col: str, ids: Iterable[str]) -> dict[str, np.ndarray]:
     """Stored vectors by id (for parity checks)."""
     with conn.cursor() as cur:
@@ -284,8 +338,10 @@ def fetch_vectors(conn, table: str, id_col: str, ids: Iterable[str]) -> dict[str
     return rows
 
 
+@guarded("dropping {table}")
 def drop_table(conn, table: str) -> None:
-    """DROP TABLE IF EXISTS (the notebook's RESET_TABLE)."""
+    """DROP TABLE IF EXISTS, with its chunks table (the notebook's RESET_TABLE)."""
     with conn.cursor() as cur:
-        cur.execute(sql.SQL("DROP TABLE IF EXISTS {t}").format(t=sql.Identifier(table)))
+        for name in (f"{table}_chunks", table):
+            cur.execute(sql.SQL("DROP TABLE IF EXISTS {t}").format(t=sql.Identifier(name)))
     conn.commit()

@@ -90,3 +90,12 @@ class EmbeddingFailures(EmbedHelpersError):
 
 class CacheMiss(EmbedHelpersError):
     """EMBED_CACHE_ONLY is set and a text is not in the cache."""
+
+
+class DatabaseError(EmbedHelpersError):
+    """PostgreSQL failed or went away; the message says what happened, where the server's
+    log is, and what to do. Every batch is one transaction, so nothing is half-written."""
+
+    def __init__(self, message: str, *, log_path: str = "", signal: int | None = None):
+        self.log_path, self.signal = log_path, signal
+        super().__init__(message)

@@ -18,18 +18,20 @@ import numpy as np
 import requests
 from requests.adapters import HTTPAdapter
 
-from .config import Settings, mask
+from .config import Settings, mask, mask_url
 from .constants import CONNECT_TIMEOUT_S
 from .errors import (AuthenticationError, BackendError, BackendUnreachable, BadInput,
                      BatchTooLarge, EmbeddingValidationError, ModelNotFound)
 from .retry import retry_delay, should_retry
+from .servers import ServerPool
 
 log = logging.getLogger(__name__)
 
 # A 400/422 with one of these means "send fewer or shorter inputs", not "bad content".
 _TOO_LARGE = re.compile(
     r"too many inputs|batch size|too large|too long|maximum context length|"
-    r"must have less than|exceeds? (the )?(max|limit)|max(imum)? (number of )?inputs",
+    r"must have less than|exceeds? (the )?(max|limit)|max(imum)? (number of )?inputs|"
+    r"tokens per request|too many tokens|max_tokens_per_request",
     re.IGNORECASE)
 _MODEL_MISSING = re.compile(r"model.*(not found|does not exist|not exist)", re.IGNORECASE)
 
@@ -75,24 +77,28 @@ def rows_to_array(rows: Sequence[Sequence[float]], expected: int, *, backend: st
 
 
 class HttpClient:
-    """One keep-alive `requests.Session` for one backend, pooled for its concurrency.
+    """One keep-alive `requests.Session` for a backend's servers, pooled for its concurrency.
 
     Args:
-        base_url: e.g. "http://localhost:11434"; paths are appended.
+        base_urls: one or more servers serving the same model ("http://localhost:11434");
+            each request goes to the least busy one (`servers.ServerPool`).
         backend: the backend name used in messages and errors.
         service: what the user calls the server ("Ollama", "the embedding API").
-        url_setting: the setting holding base_url, named in hints.
+        url_setting: the setting holding the URLs, named in hints.
         headers: sent with every request (auth); never logged.
         secret: scrubbed from every message (the API key).
         model_hint, unreachable_hint, auth_hint: the fix for each kind of failure.
         sleep, rng: injectable so retry tests run instantly and deterministically.
     """
 
-    def __init__(self, base_url: str, settings: Settings, *, backend: str, service: str,
-                 url_setting: str, headers: dict | None = None, secret: str | None = None,
-                 model_hint: str = "", unreachable_hint: str = "", auth_hint: str = "",
-                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None):
-        self.base_url = base_url.rstrip("/")
+    def __init__(self, base_urls: str | list[str], settings: Settings, *, backend: str,
+                 service: str, url_setting: str, headers: dict | None = None,
+                 secret: str | None = None, model_hint: str = "", unreachable_hint: str = "",
+                 auth_hint: str = "", sleep: Callable[[float], None] = time.sleep,
+                 rng: random.Random | None = None):
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        self.pool = ServerPool([u.rstrip("/") for u in urls])
+        self.base_url = self.pool.servers[0].url
         self.settings = settings
         self.backend, self.service, self.url_setting = backend, service, url_setting
         self.secret = secret
@@ -102,8 +108,9 @@ class HttpClient:
         self.unreachable_hint = unreachable_hint or f"Is {url_setting} right?"
         self.sleep, self.rng = sleep, rng or random.Random()
         self.session = requests.Session()
-        pool = max(settings.EMBED_MAX_CONCURRENCY, 1)
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool, max_retries=0)
+        per_server = max(settings.EMBED_MAX_CONCURRENCY, 1)
+        adapter = HTTPAdapter(pool_connections=len(self.pool), pool_maxsize=per_server + 1,
+                              max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers.update(headers or {})
@@ -117,45 +124,79 @@ class HttpClient:
 
     def stats(self) -> dict:
         with self._lock:
-            return dict(self._counts)
+            counts = dict(self._counts)
+        return {**counts, "servers": self.pool.stats()}
 
     def close(self) -> None:
         self.session.close()
 
     # --- the request --------------------------------------------------------------
+    def get_json(self, path: str, payload: dict | None = None) -> Any:
+        """A small JSON document (a version, a model's facts) from any live server: GET, or
+        POST with `payload`. None when it cannot be had; never retried, callers fall back to
+        a default."""
+        server = self.pool.acquire()
+        timeout = (CONNECT_TIMEOUT_S, CONNECT_TIMEOUT_S)
+        try:
+            response = self.session.post(server.url + path, json=payload, timeout=timeout) \
+                if payload is not None else self.session.get(server.url + path, timeout=timeout)
+            body = response.json() if response.ok else None
+        except (requests.RequestException, ValueError):
+            body = None
+        self.pool.release(server, ok=True)
+        return body
+
     def post_json(self, path: str, payload: dict, *, texts: int = 0) -> Any:
         """POST JSON, retrying per `retry.py`; return the decoded JSON body.
 
-        `texts` is how many inputs the payload carries, counted once it succeeds.
+        `texts` is how many inputs the payload carries, counted once it succeeds. A server
+        that does not answer is set aside and the request goes to another at once.
         Raises one of the `errors.BackendError` classes when retries do not help.
         """
-        url = self.base_url + path
         max_retries = self.settings.EMBED_MAX_RETRIES
         timeout = (CONNECT_TIMEOUT_S, self.settings.EMBEDDING_TIMEOUT)
         for attempt in range(max_retries + 1):
+            server = self.pool.acquire()
+            url = server.url + path
             self._count("requests")
+            started = time.perf_counter()
             try:
                 response = self.session.post(url, json=payload, timeout=timeout)
             except requests.RequestException as exc:
-                if attempt < max_retries and should_retry(exc):
-                    self._wait(attempt, None, f"{type(exc).__name__} on {path}")
+                retry = should_retry(exc)
+                self.pool.release(server, ok=False, down=retry)
+                if attempt < max_retries and retry:
+                    self._again(attempt, None, f"{type(exc).__name__} from {mask_url(server.url)}")
                     continue
-                raise self._transport_error(exc, url, attempt + 1) from None
+                raise self._transport_error(exc, server.url, attempt + 1) from None
             if response.ok:
                 try:
                     body = response.json()
                 except ValueError:
+                    self.pool.release(server, ok=False)
                     raise BackendError(f"{self.service} at {url} answered HTTP "
                                        f"{response.status_code} with a body that is not JSON.",
                                        backend=self.backend, status=response.status_code,
                                        hint=f"Is {self.url_setting} the embedding server?") from None
+                self.pool.release(server, ok=True, texts=texts, started=started)
                 self._count("texts", texts)
                 return body
+            # A 5xx counts against the server; a 4xx or 429 says nothing about its health.
+            self.pool.release(server, ok=response.status_code < 500)
             if attempt < max_retries and should_retry(response.status_code):
-                self._wait(attempt, response.headers, f"HTTP {response.status_code} on {path}")
+                self._again(attempt, response.headers, f"HTTP {response.status_code} on {path}")
                 continue
             raise self._status_error(response, url, attempt + 1)
         raise AssertionError("unreachable")  # the loop always returns or raises
+
+    def _again(self, attempt: int, headers, what: str) -> None:
+        """Before a retry: none when another server is ready for a request that found no
+        server; else the delay `retry.py` says."""
+        if headers is None and len(self.pool) > 1 and self.pool.any_ready():
+            log.debug("%s: %s; trying another server", self.backend, what)
+            self._count("retries")
+            return
+        self._wait(attempt, headers, what)
 
     def _wait(self, attempt: int, headers, what: str) -> None:
         delay = retry_delay(attempt, headers, self.settings.EMBED_BACKOFF_MS, self.rng)
@@ -180,9 +221,11 @@ class HttpClient:
                            f"{self.settings.EMBEDDING_TIMEOUT:g}s ({tries})."),
                 backend=self.backend,
                 hint="Raise EMBEDDING_TIMEOUT, or lower EMBED_BATCH_SIZE / EMBED_MAX_CONCURRENCY.")
+        others = f"; none of the {len(self.pool)} servers of {self.url_setting} answered" \
+            if len(self.pool) > 1 else ""
         return BackendUnreachable(
-            self.scrub(f"Cannot reach {self.service} at {self.base_url} ({type(exc).__name__} "
-                       f"{tries})."), backend=self.backend, hint=self.unreachable_hint)
+            self.scrub(f"Cannot reach {self.service} at {mask_url(url)} ({type(exc).__name__} "
+                       f"{tries}{others})."), backend=self.backend, hint=self.unreachable_hint)
 
     def _status_error(self, response: requests.Response, url: str, attempts: int) -> BackendError:
         status = response.status_code
@@ -194,7 +237,8 @@ class HttpClient:
         code = _error_code(response)
         if status in (400, 404) and (code == "model_not_found" or _MODEL_MISSING.search(said)):
             return ModelNotFound(f"{where}: the model is not there.", hint=self.model_hint, **kw)
-        if status == 413 or (status in (400, 422) and _TOO_LARGE.search(said)):
+        if status == 413 or (status in (400, 422) and (_TOO_LARGE.search(said)
+                                                       or code == "max_tokens_per_request")):
             return BatchTooLarge(f"{where}: the batch is too large.",
                                  hint="Lower EMBED_BATCH_SIZE.", **kw)
         if status in (400, 422):

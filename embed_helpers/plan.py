@@ -1,105 +1,54 @@
-"""Before paying for a GPU hour: clean the input and count what a run would do.
+"""Before paying for a GPU hour: count what a run would do, and what it would cost.
 
-`prepare_input` resolves what PostgreSQL must never see (empty texts, duplicate
-ids); `make_plan` counts rows already stored unchanged, cached texts, and the
-texts and requests left to pay for, with a time and cost estimate.
+`make_plan` runs the first steps of `core` over the whole input: rows already stored
+unchanged, long texts and their chunks, cached texts, and the texts and requests left to
+pay for, with a time and cost estimate. The plan knows its target, so a notebook passes
+the table and its columns once.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 from dataclasses import dataclass, field
 
-from .cache import cache_key
-from .errors import DataError
+from . import core
+from .core import Rows, Target
+from .identity import Identity
+from .pieces import Pieces
+from .tokens import Window
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class PreparedInput:
-    """Rows ready to ingest: unique ids, non-empty texts, in input order."""
-
-    ids: list[str]
-    texts: list[str]
-    rows_read: int
-    empty_ids: list[str] = field(default_factory=list)
-    duplicate_ids: int = 0
-
-
-def _missing(value) -> bool:
-    """None, NaN (pandas' missing) or a text that is empty once stripped."""
-    return value is None or value != value or (isinstance(value, str) and not value.strip())
-
-
-def prepare_input(df, id_col: str, text_col: str) -> PreparedInput:
-    """Drop empty texts (listing their ids) and resolve duplicate ids (last one wins).
-
-    `df` is a pandas DataFrame or any mapping of column name to values.
-
-    >>> p = prepare_input({"id": ["a", "b", "a", "c"], "t": ["x", " ", "y", None]}, "id", "t")
-    >>> p.ids, p.texts, p.empty_ids, p.duplicate_ids
-    (['a'], ['y'], ['b', 'c'], 1)
-    """
-    columns = [str(c) for c in (df.columns if hasattr(df, "columns") else df)]
-    missing = [c for c in (id_col, text_col) if c not in columns]
-    if missing:
-        raise DataError(f"Column(s) {', '.join(map(repr, missing))} not in the input. "
-                        f"Columns that exist: {', '.join(columns)}. "
-                        "Set ID_COL / TEXT_COL (or --id-col / --text-col).")
-    ids, texts = list(df[id_col]), list(df[text_col])
-    no_id = [row for row, value in enumerate(ids) if value is None or value != value]
-    if no_id:
-        shown = ", ".join(map(str, no_id[:10])) + (" ..." if len(no_id) > 10 else "")
-        raise DataError(f"{len(no_id)} row(s) have no id in {id_col!r} (rows {shown}). Every row "
-                        "needs an id: fix the input or choose another ID_COL.")
-    last: dict[str, str] = {}   # id -> text; re-inserting moves a repeated id to its last place
-    empty_ids, kept = [], 0
-    for row_id, text in zip(map(str, ids), texts):
-        if _missing(text):
-            empty_ids.append(row_id)
-            continue
-        kept += 1
-        last.pop(row_id, None)
-        last[row_id] = str(text)
-    if empty_ids:
-        log.warning("%d rows with empty text are not sent (ids: %s%s)", len(empty_ids),
-                    ", ".join(empty_ids[:5]), " ..." if len(empty_ids) > 5 else "")
-    duplicates = kept - len(last)
-    if duplicates:
-        log.warning("%d rows repeat an id already seen; the last one of each id wins", duplicates)
-    return PreparedInput(ids=list(last), texts=list(last.values()), rows_read=len(ids),
-                         empty_ids=empty_ids, duplicate_ids=duplicates)
-
-
-def text_md5(text: str) -> str:
-    """The hash PostgreSQL's md5(text) gives, to spot rows stored unchanged."""
-    return hashlib.md5(text.encode("utf-8")).hexdigest()
-
-
-@dataclass
 class Plan:
-    """What a run will do; `todo` are positions in `prepared` to write."""
+    """What a run will do; `todo` are positions in `rows` to write."""
 
-    prepared: PreparedInput
-    route: str
-    model: str
-    dim: int
-    normalized: bool
-    batch_size: int
-    rows_unchanged: int
+    target: Target
+    rows: Rows
     todo: list[int]
-    keys: dict[str, str]          # unique text to write -> cache key
+    rows_unchanged: int
+    stored_ids: set[str]
+    pieces: Pieces                # the rows to write, as the texts to send
+    identity: Identity            # dim None: learned from the first batch
+    dim_source: str
+    window: Window
+    batch_size: int
     cached: set[str]              # texts whose vector is in the cache
-    to_embed: list[str]           # unique texts to send, in first-seen order
+    to_embed: list[str]           # texts to send, in first-seen order
     texts_per_s: float | None = None
     gpu_hourly_usd: float | None = None
-    stored_ids: set[str] = field(default_factory=set)  # ids that had a vector at planning
+    cache_name: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def batches(self) -> list[list[str]]:
+        """The requests the run will send (before any split the server asks for)."""
+        budget = self.window.request_tokens
+        tokens = self.pieces.token_counts(self.to_embed, self.window) if budget else None
+        return list(core.batches(self.to_embed, self.batch_size, tokens, budget))
 
     @property
     def requests(self) -> int:
-        return math.ceil(len(self.to_embed) / self.batch_size)
+        return len(self.batches())
 
     @property
     def est_seconds(self) -> float | None:
@@ -117,13 +66,15 @@ class Plan:
         """(what, figure) pairs for Step 8 and `python -m embed_helpers plan`."""
         est = self.est_seconds
         rows = [
-            ("rows read", self.prepared.rows_read),
-            ("rows with empty text (skipped)", len(self.prepared.empty_ids)),
-            ("duplicate ids (last wins)", self.prepared.duplicate_ids),
+            ("rows read", self.rows.rows_read),
+            ("rows with empty text (skipped)", len(self.rows.empty_ids)),
+            ("duplicate ids (last wins)", self.rows.duplicate_ids),
             ("rows already stored unchanged", self.rows_unchanged),
             ("rows to write", len(self.todo)),
-            ("unique texts to write", len(self.keys)),
-            ("texts in the cache", len(self.cached)),
+            *self.pieces.long.as_rows(),
+            ("texts to send (chunks counted, duplicates once)", len(self.pieces.texts)),
+            (f"texts in the cache ({self.cache_name})" if self.cache_name else
+             "texts in the cache", len(self.cached)),
             ("texts to embed", len(self.to_embed)),
             (f"requests at batch size {self.batch_size}", self.requests),
             ("estimated embedding time (s)", "unknown" if est is None else round(est, 1)),
@@ -136,25 +87,32 @@ class Plan:
 
     def __str__(self) -> str:
         width = max(len(k) for k, _ in self.as_rows())
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in self.as_rows())
+        lines = [f"{k:<{width}}  {v}" for k, v in self.as_rows()]
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
-def make_plan(prepared: PreparedInput, stored_md5: dict[str, str], *, route: str, model: str,
-              dim: int, normalized: bool, batch_size: int, cache=None,
-              texts_per_s: float | None = None, gpu_hourly_usd: float | None = None) -> Plan:
-    """Count unchanged rows, cached texts and texts to embed; touch nothing."""
-    todo, keys = [], {}
-    unchanged = 0
-    for i, (row_id, text) in enumerate(zip(prepared.ids, prepared.texts)):
-        if row_id in stored_md5 and stored_md5[row_id] == text_md5(text):
-            unchanged += 1
-            continue
-        todo.append(i)
-        if text not in keys:
-            keys[text] = cache_key(route, model, dim, normalized, text)
-    cached = {t for t, k in keys.items() if cache is not None and k in cache}
-    to_embed = [t for t in keys if t not in cached]
-    return Plan(prepared=prepared, route=route, model=model, dim=dim, normalized=normalized,
-                batch_size=batch_size, rows_unchanged=unchanged, todo=todo, keys=keys,
-                cached=cached, to_embed=to_embed, texts_per_s=texts_per_s,
-                gpu_hourly_usd=gpu_hourly_usd, stored_ids=set(stored_md5))
+def make_plan(rows: Rows, target: Target, *, conn, backend, cache, settings,
+              dim: int | None, dim_source: str = "") -> Plan:
+    """Count unchanged rows, long texts, cached texts and texts to embed; touch nothing."""
+    window = backend.window
+    policy = settings.EMBED_LONG_TEXTS
+    todo, unchanged, stored_ids = core.drop_unchanged(conn, target, rows, window, policy)
+    work = rows.take(todo)
+    pieces = Pieces(work.ids, work.texts, window, policy, settings.EMBED_CHUNK_OVERLAP)
+    identity = backend.identity(dim)
+    cached = core.in_cache(cache, identity, pieces.texts)
+    plan = Plan(target=target, rows=rows, todo=todo, rows_unchanged=unchanged,
+                stored_ids=stored_ids, pieces=pieces, identity=identity,
+                dim_source=dim_source, window=window,
+                batch_size=min(settings.EMBED_BATCH_SIZE, backend.max_batch or settings.EMBED_BATCH_SIZE),
+                cached=cached, to_embed=[t for t in pieces.texts if t not in cached],
+                texts_per_s=settings.EMBED_EXPECTED_TEXTS_PER_S,
+                gpu_hourly_usd=settings.GPU_HOURLY_USD,
+                cache_name=cache.describe() if cache is not None else "")
+    if pieces.long.over and policy == "truncate":
+        log.warning("%d texts are longer than the %d-token window and will be cut "
+                    "(EMBED_LONG_TEXTS=truncate); e.g. ids %s", pieces.long.over,
+                    window.max_tokens, ", ".join(pieces.long.examples))
+    if dim is None:
+        plan.notes.append("the dimension is learned from the first batch (no probe request)")
+    return plan

@@ -6,8 +6,14 @@ notebook, so a user can see that the run saved time and money.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+
+from .config import relative
+
+log = logging.getLogger(__name__)
 
 
 def merge_intervals(intervals: list[tuple[float, float]]) -> float:
@@ -34,6 +40,7 @@ class RunReport:
     """Counters and timings of one ingestion. Times are seconds since the run started."""
 
     table: str = ""
+    engine: str = "local"
     backend: str = ""
     model: str = ""
     route: str = ""
@@ -47,8 +54,10 @@ class RunReport:
     rows_unchanged: int = 0
     rows_written: int = 0
     rows_failed: int = 0
-    texts_unique: int = 0
+    texts_unique: int = 0         # distinct texts sent for the rows to write (chunks counted)
     texts_embedded: int = 0
+    chunks_written: int = 0
+    long_texts: dict = field(default_factory=dict)
     cache_hits: int = 0
     cache_misses: int = 0
     cache_path: str = ""
@@ -62,6 +71,10 @@ class RunReport:
     db_s: float = 0.0
     client_only_s: float = 0.0
     gpu_hourly_usd: float | None = None
+    #: per server: requests, texts, errors, times set aside, mean latency
+    servers: dict = field(default_factory=dict)
+    #: Ray engine, per worker: blocks, rows, rows per second
+    workers: dict = field(default_factory=dict)
     #: one entry per written batch: [seconds since start, cumulative rows, request latency s]
     timeline: list[list[float]] = field(default_factory=list)
 
@@ -88,6 +101,23 @@ class RunReport:
         self.db_s = round(merge_intervals(writes), 3)
         self.client_only_s = round(max(0.0, wall - merge_intervals(requests + writes)), 3)
 
+    def finish(self, run, backend, stats_before: dict, settings) -> "RunReport":
+        """Fill in what the run did (the local engine's `_Run`); save the failures list."""
+        stats = backend.stats()
+        self.route = backend.route  # an old Ollama may have moved us to its legacy route
+        self.dim = run.dimension.value or 0
+        self.requests = stats.get("requests", 0) - stats_before.get("requests", 0)
+        self.retries = stats.get("retries", 0) - stats_before.get("retries", 0)
+        self.servers = stats.get("servers", {}) if len(stats.get("servers", {})) > 1 else {}
+        self.texts_embedded = run.texts_embedded
+        cstats = getattr(run.cache, "stats", None)
+        self.cache_entries_written = getattr(cstats, "written", 0)
+        self.cache_lines_skipped = getattr(cstats, "skipped_lines", 0)
+        self.rows_failed = len(run.failures)
+        self.failures_path = write_failures(run.failures, settings.EMBED_RUNS_DIR)
+        self.finish_timing(run.now(), run.request_spans, run.write_spans)
+        return self
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data.update(rows_per_s=round(self.rows_per_s, 1),
@@ -109,11 +139,26 @@ class RunReport:
             f"embedding: {self.texts_embedded} texts embedded in {self.requests} requests "
             f"({self.retries} retries); cache {self.cache_hits} hits / {self.cache_misses} misses",
         ]
+        long = self.long_texts
+        if long.get("over"):
+            what = {"chunk": f"split into {long['chunks']} chunks ({self.chunks_written} written)",
+                    "truncate": "CUT to the window (EMBED_LONG_TEXTS=truncate)",
+                    "fail": "listed as failures (EMBED_LONG_TEXTS=fail)"}[long["policy"]]
+            lines.append(f"long texts: {long['over']} over the {long['window']}-token window"
+                         f"{'' if long['exact'] else ' (estimated)'}, {what}; "
+                         f"{long['share_beyond']:.1%} of the characters lay beyond it")
+        for url, s in self.servers.items():
+            lines.append(f"server {url}: {s['requests']} requests, {s['texts']} texts, "
+                         f"{s['errors']} errors, set aside {s['set_aside']}x, mean latency "
+                         f"{s['mean_latency_s']} s")
+        for name, w in self.workers.items():
+            lines.append(f"worker {name}: {w['blocks']} blocks, {w['rows']} rows, "
+                         f"{w['rows_per_s']:.0f} rows/s")
         if self.empty_ids:
             shown = ", ".join(self.empty_ids[:5]) + (" ..." if len(self.empty_ids) > 5 else "")
             lines.append(f"ids with empty text (not sent): {shown}")
         if self.failures_path:
-            lines.append(f"failures listed in {self.failures_path}")
+            lines.append(f"failures listed in {relative(self.failures_path)}")
         if timings:
             wall = self.wall_s or 1e-9
             lines.append(
@@ -128,16 +173,48 @@ class RunReport:
         return "\n".join(self.summary_lines())
 
 
-def utc_stamp() -> str:
-    """The UTC time in run output names (`runs/run-<stamp>.ipynb`): sortable, no colons."""
-    from datetime import datetime, timezone
-    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+def utc_stamp(micro: bool = False) -> str:
+    """The UTC time in run output names (`runs/run-<stamp>.ipynb`): sortable, no colons.
+    With microseconds, workers finishing in the same second keep separate files."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S{'%f' if micro else ''}Z}"
 
 
-def default_report_path() -> Path:
-    """runs/report-<UTC time>.json, for notebook runs not given RUN_REPORT_PATH."""
-    from .constants import RUNS_DIR
-    return RUNS_DIR / f"report-{utc_stamp()}.json"
+def default_report_path(settings=None) -> Path:
+    """<EMBED_RUNS_DIR>/report-<UTC time>.json, for notebook runs not given RUN_REPORT_PATH."""
+    from .constants import DEFAULT_RUNS_DIR
+    folder = settings.EMBED_RUNS_DIR if settings is not None else DEFAULT_RUNS_DIR
+    return Path(folder) / f"report-{utc_stamp()}.json"
+
+
+def write_failures(failures: list[dict], folder: Path) -> str:
+    """The rows that got no vector, one JSON object per line; "" when there are none."""
+    if not failures:
+        return ""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"failures-{utc_stamp(micro=True)}.jsonl"
+    with open(path, "w") as fh:
+        for failure in failures:
+            fh.write(json.dumps(failure) + "\n")
+    log.warning("%d rows failed; listed in %s", len(failures), relative(path))
+    return str(path)
+
+
+def start_report(plan, settings, cache) -> RunReport:
+    """A report holding what the plan already knows."""
+    rows = plan.rows
+    long = plan.pieces.long
+    return RunReport(
+        table=plan.target.table, engine=settings.EMBED_ENGINE,
+        backend=settings.EMBEDDING_BACKEND, model=plan.identity.model,
+        route=plan.identity.route, dim=plan.identity.dim or 0, batch_size=plan.batch_size,
+        concurrency=settings.EMBED_MAX_CONCURRENCY, rows_read=rows.rows_read,
+        rows_empty=len(rows.empty_ids), empty_ids=rows.empty_ids,
+        rows_duplicate=rows.duplicate_ids, rows_unchanged=plan.rows_unchanged,
+        texts_unique=len(plan.pieces.texts), cache_hits=len(plan.cached),
+        cache_misses=len(plan.to_embed), cache_path=cache.describe() if cache is not None else "",
+        gpu_hourly_usd=settings.GPU_HOURLY_USD,
+        long_texts={**long.__dict__, "share_beyond": round(long.share_beyond, 4)})
 
 
 def plot_timeline(report: RunReport):

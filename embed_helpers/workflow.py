@@ -5,20 +5,19 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import db
+from . import core, db, retrieval
 from .backends import Backend
-from .batching import embed_resilient
-from .cache import EmbeddingCache
+from .cache_tools import open_cache
 from .config import Settings
-from .constants import RUNS_DIR, project_path
-from .errors import ConfigError
-from .pipeline import Target, run_plan
-from .plan import Plan, make_plan, prepare_input
+from .constants import project_path
+from .core import Target
+from .errors import ConfigError, DataError
+from .pieces import Pieces, mean_vector
+from .plan import Plan, make_plan
 from .report import RunReport
 
 if TYPE_CHECKING:
@@ -74,132 +73,163 @@ def build_rows(raw: RawInput) -> tuple[pd.DataFrame, str, str]:
     return data.build_contexts(raw.tables, as_of=raw.as_of), raw.id_col, raw.text_col
 
 
-def open_cache(settings: Settings) -> EmbeddingCache:
-    """The one cache file of this project (absolute path), announced with its size."""
-    cache = EmbeddingCache(settings.EMBED_CACHE_PATH)
-    log.info("embedding cache %s: %d entries", cache.path, len(cache))
-    return cache
-
-
-def discover_dimension(settings: Settings, backend: Backend, conn=None,
-                       table: str | None = None) -> int:
+def discover_dimension(settings: Settings, backend: Backend, conn=None, table: str | None = None,
+                       cache=None) -> int:
     """Step 6: the dimension of the vectors, without paying for a request when it is known.
 
-    EMBEDDING_DIM when set, else the existing table's dimension, else one probe request.
-    Every batch is checked against it before anything is written, so a wrong
-    EMBEDDING_DIM stops the run at its first batch with a message saying what to set.
+    EMBEDDING_DIM when set, else the existing table's, else the one the cache holds for
+    this model, else one probe request. Every batch is checked against it before anything
+    is written, so a wrong EMBEDDING_DIM stops the run at its first batch with a message
+    saying what to set. (The CLI skips the probe: it learns from its first batch.)
     """
-    if settings.EMBEDDING_DIM:
-        return settings.EMBEDDING_DIM
-    known = db.table_dimension(conn, table) if conn is not None and table else None
-    if known:
-        return known
+    dim, _source = core.known_dimension(settings, backend.identity(), conn=conn, table=table,
+                                        cache=cache)
+    if dim:
+        return dim
     if settings.EMBED_CACHE_ONLY:
         raise ConfigError("EMBEDDING_DIM", "is needed with EMBED_CACHE_ONLY=1 when the table "
                                            "does not exist yet (no probe request is sent).")
     return int(backend.embed_batch([PROBE_TEXT]).shape[1])
 
 
-def plan_ingest(df: pd.DataFrame, *, id_col: str, text_col: str, table: str,
-                settings: Settings, conn, backend: Backend, cache: EmbeddingCache | None,
-                dim: int, probe: bool = False) -> Plan:
-    """Step 8: count what the run will do. `probe=True` times one real batch (and keeps
-    its vectors in the cache, so the probe is not paid twice) to estimate time and cost."""
-    prepared = prepare_input(df, id_col, text_col)
-    resolve_route = getattr(backend, "resolve_route", None)
-    if resolve_route is not None:  # the cache keys depend on it
-        resolve_route()
-    stored = db.stored_text_hashes(conn, table, id_col, text_col, prepared.ids) \
-        if db.table_dimension(conn, table) else {}
-    batch_size = min(settings.EMBED_BATCH_SIZE, backend.max_batch or settings.EMBED_BATCH_SIZE)
+def rows_of(df, target: Target) -> core.Rows:
+    """The id and text columns of `df` (a DataFrame or a dict of columns), prepared."""
+    columns = [str(c) for c in (df.columns if hasattr(df, "columns") else df)]
+    missing = [c for c in (target.id_col, target.text_col) if c not in columns]
+    if missing:
+        raise DataError(f"Column(s) {', '.join(map(repr, missing))} not in the input. "
+                        f"Columns that exist: {', '.join(columns)}. "
+                        "Set ID_COL / TEXT_COL (or --id-col / --text-col).")
+    return core.prepare(list(df[target.id_col]), list(df[target.text_col]), id_col=target.id_col)
 
-    def build() -> Plan:
-        return make_plan(prepared, stored, route=backend.route, model=backend.model, dim=dim,
-                         normalized=backend.normalized, batch_size=batch_size, cache=cache,
-                         texts_per_s=settings.EMBED_EXPECTED_TEXTS_PER_S,
-                         gpu_hourly_usd=settings.GPU_HOURLY_USD)
-    plan = build()
+
+def plan_ingest(df, target: Target, *, settings: Settings, conn, backend: Backend, cache,
+                dim: int | None = None, probe: bool = False) -> Plan:
+    """Step 8: count what the run will do; creates nothing. `probe=True` times one real
+    batch (its vectors go to the cache, so the probe is not paid twice) to estimate time
+    and cost."""
+    source = "Step 6" if dim else ""
+    if not dim:
+        dim, source = core.known_dimension(settings, backend.identity(), conn=conn,
+                                           table=target.table, cache=cache)
+    rows = rows_of(df, target)
+    plan = make_plan(rows, target, conn=conn, backend=backend, cache=cache, settings=settings,
+                     dim=dim, dim_source=source)
     if probe and plan.to_embed and not settings.EMBED_CACHE_ONLY \
             and settings.EMBED_EXPECTED_TEXTS_PER_S is None and cache is not None:
-        sample = plan.to_embed[:batch_size]
+        from .resilient import BatchSizer, Dimension
+        sample = plan.batches()[0]
+        dimension = Dimension(dim, source or "the probe batch")
         t0 = time.perf_counter()
-        vectors, failures = embed_resilient(backend, sample, expected_dim=dim)
+        texts, vectors, failures = core.embed(backend, sample, sizer=BatchSizer(len(sample)),
+                                              dimension=dimension)
         elapsed = time.perf_counter() - t0
-        good = sorted(set(range(len(sample))) - {f.position for f in failures})
-        cache.put_many([(plan.keys[sample[i]], vectors[i]) for i in good], route=backend.route,
-                       model=backend.model, normalized=backend.normalized,
-                       texts=[sample[i] for i in good])
-        plan = build()
+        core.remember(cache, backend.identity(dimension.value), texts, vectors, failures)
+        plan = make_plan(rows, target, conn=conn, backend=backend, cache=cache,
+                         settings=settings, dim=dimension.value, dim_source=source or
+                         "the probe batch")
         plan.texts_per_s = len(sample) / elapsed if elapsed > 0 else None
     return plan
 
 
-def ingest(df: pd.DataFrame, *, id_col: str, text_col: str, table: str, settings: Settings,
-           conn, backend: Backend, cache: EmbeddingCache | None, dim: int | None = None,
-           progress: bool = True, failures_dir: Path = RUNS_DIR) -> RunReport:
-    """Step 9b: plan, then embed what is missing and write what changed."""
-    dim = dim or discover_dimension(settings, backend, conn, table)
-    db.create_table(conn, table, id_col, text_col, dim)
-    plan = plan_ingest(df, id_col=id_col, text_col=text_col, table=table, settings=settings,
-                       conn=conn, backend=backend, cache=cache, dim=dim)
-    return run_plan(plan, Target(table, id_col, text_col), conn=conn, backend=backend,
-                    cache=cache, settings=settings, progress=progress, failures_dir=failures_dir)
+def ingest(df, target: Target, *, settings: Settings, conn, backend: Backend, cache,
+           dim: int | None = None, progress: bool = True) -> RunReport:
+    """Step 9b: plan, then embed what is missing and write what changed, on the engine
+    EMBED_ENGINE names. Without a known dimension, the table is created when the first
+    batch says it (no probe request)."""
+    if settings.EMBED_ENGINE == "ray":
+        from .engine_ray import ingest_ray
+        return ingest_ray(df, target, settings=settings, progress=progress)
+    from .pipeline import run_plan
+    plan = plan_ingest(df, target, settings=settings, conn=conn, backend=backend, cache=cache,
+                       dim=dim)
+    if plan.identity.dim:
+        db.create_table(conn, target.table, target.id_col, target.text_col, plan.identity.dim)
+    return run_plan(plan, conn=conn, backend=backend, cache=cache, settings=settings,
+                    progress=progress)
 
 
-def ingest_per_row(df: pd.DataFrame, *, id_col: str, text_col: str, table: str,
-                   settings: Settings, conn, backend: Backend, progress: bool = True) -> RunReport:
-    """Step 9, the original loop: one request, one INSERT and one commit per row.
+def build_index(conn, target: Target, settings: Settings, dim: int) -> str:
+    """After the load: the HNSW index as EMBED_INDEX says; returns the decision, in words."""
+    build, why = retrieval.index_decision(conn, target.table, settings.EMBED_INDEX)
+    if build and not retrieval.create_hnsw_index(conn, target.table, dim):
+        why += " (it exists already)"
+    return why
 
-    Kept as the alternate and as the baseline the benchmarks compare against.
-    """
+
+def _pieces_for(ids, texts, backend: Backend, settings: Settings) -> Pieces:
+    return Pieces(list(ids), list(texts), backend.window, settings.EMBED_LONG_TEXTS,
+                  settings.EMBED_CHUNK_OVERLAP)
+
+
+def _one_by_one(backend: Backend, pieces: Pieces, row: int) -> tuple[np.ndarray, list]:
+    """Step 9's vector of one row: one request per chunk, chunks averaged like Step 9b."""
+    text = pieces.row_texts[row]
+    spans = pieces.spans[row]
+    vectors = np.stack([backend.embed_batch([text[s:e]])[0] for s, e in spans])
+    if len(spans) == 1:
+        return vectors[0], []
+    return mean_vector(vectors), [(pieces.ids[row], k, s, e, vectors[k])
+                                  for k, (s, e) in enumerate(spans)]
+
+
+def ingest_per_row(df, target: Target, *, settings: Settings, conn, backend: Backend,
+                   progress: bool = True) -> RunReport:
+    """Step 9, the original loop: one request per text (per chunk of a long text), one
+    INSERT and one commit per row. Kept as the alternate and as the benchmarks' baseline;
+    it prepares rows exactly as Step 9b does, so the two agree."""
     from tqdm import tqdm
 
-    prepared = prepare_input(df, id_col, text_col)
-    report = RunReport(table=table, backend=settings.EMBEDDING_BACKEND, model=backend.model,
-                       route=backend.route, batch_size=1, rows_read=prepared.rows_read,
-                       rows_empty=len(prepared.empty_ids), empty_ids=prepared.empty_ids,
-                       rows_duplicate=prepared.duplicate_ids)
-    start = time.perf_counter()
-    spans = []
-    for row_id, text in tqdm(list(zip(prepared.ids, prepared.texts)), desc="Step 9",
-                             unit="row", disable=not progress):
+    rows = rows_of(df, target)
+    pieces = _pieces_for(rows.ids, rows.texts, backend, settings)
+    report = RunReport(table=target.table, backend=settings.EMBEDDING_BACKEND, model=backend.model,
+                       route=backend.route, batch_size=1, rows_read=rows.rows_read,
+                       rows_empty=len(rows.empty_ids), empty_ids=rows.empty_ids,
+                       rows_duplicate=rows.duplicate_ids)
+    start, spans, dead = time.perf_counter(), [], {r for r, _ in pieces.failed}
+    for row in tqdm([r for r in range(len(rows.ids)) if r not in dead], desc="Step 9",
+                    unit="row", disable=not progress):
         t0 = time.perf_counter() - start
-        vector = backend.embed_batch([text])[0]
+        vector, chunks = _one_by_one(backend, pieces, row)
         spans.append((t0, time.perf_counter() - start))
         if not report.dim:
             report.dim = len(vector)
-            db.create_table(conn, table, id_col, text_col, report.dim)
-        db.insert_one(conn, table, id_col, text_col, row_id, text, vector)
+            db.create_table(conn, target.table, target.id_col, target.text_col, report.dim)
+        db.insert_one(conn, target.table, target.id_col, target.text_col, rows.ids[row],
+                      rows.texts[row], vector, chunks)
         report.rows_written += 1
-        report.texts_embedded += 1
-        report.requests += 1
+        report.texts_embedded += len(pieces.spans[row])
+        report.requests += len(pieces.spans[row])
     report.finish_timing(time.perf_counter() - start, spans, [])
     return report
 
 
-def parity_check(conn, backend: Backend, df: pd.DataFrame, *, table: str, id_col: str,
-                 text_col: str, sample: int = 5, query: str | None = None) -> dict:
-    """Step 9 and Step 9b give the same vectors: embed a sample one text per request
-    (as Step 9 does) and compare with what Step 9b stored, and the top search results."""
-    rows = df.dropna(subset=[text_col]).drop_duplicates(id_col, keep="last").head(sample)
-    stored = db.fetch_vectors(conn, table, id_col, rows[id_col].astype(str))
-    single = {str(i): backend.embed_batch([t])[0] for i, t in zip(rows[id_col], rows[text_col])}
+def parity_check(conn, backend: Backend, df, target: Target, settings: Settings, *,
+                 sample: int = 5, query: str | None = None) -> dict:
+    """Step 9 and Step 9b give the same vectors: embed a sample one text (one chunk) per
+    request, as Step 9 does, and compare with what Step 9b stored, and the top results."""
+    rows = rows_of(df, target)
+    pieces = _pieces_for(rows.ids[:sample], rows.texts[:sample], backend, settings)
+    stored = db.fetch_vectors(conn, target.table, target.id_col, pieces.ids)
+    single = {pieces.ids[r]: _one_by_one(backend, pieces, r)[0] for r in range(len(pieces.ids))}
     diff = max(float(np.max(np.abs(stored[i] - v))) for i, v in single.items() if i in stored)
-    query = query or rows[text_col].iloc[0][:200]
+    query = query or rows.texts[0][:200]
     q_single = backend.embed_batch([query])[0]
-    q_batched = backend.embed_batch([query, *rows[text_col].iloc[1:].tolist()])[0]
-    top_single = [h[0] for h in db.search(conn, table, id_col, text_col, q_single, 3)]
-    top_batched = [h[0] for h in db.search(conn, table, id_col, text_col, q_batched, 3)]
+    q_batched = backend.embed_batch([query, *rows.texts[1:sample]])[0]
+    top = [[h[0] for h in retrieval.search(conn, target.table, target.id_col, target.text_col, q, 3)]
+           for q in (q_single, q_batched)]
     return {"rows_compared": len(single), "max_abs_diff_below_1e-4": diff < 1e-4,
-            "same_top3": top_single == top_batched}
+            "same_top3": top[0] == top[1]}
 
 
-def semantic_search(conn, backend: Backend, table: str, id_col: str, text_col: str,
-                    query: str, k: int = 3) -> list[tuple[str, float, str]]:
-    """Embed `query` with the same backend and return the k nearest rows."""
+def semantic_search(conn, backend: Backend, target: Target, query: str,
+                    k: int = 3) -> list[tuple[str, float, str]]:
+    """Embed `query` with the same backend and return the k nearest rows (a row split into
+    chunks is ranked by its best chunk, whose text is shown)."""
     vector = np.asarray(backend.embed_batch([query])[0], dtype=np.float32)
-    return db.search(conn, table, id_col, text_col, vector, k)
+    return retrieval.search(conn, target.table, target.id_col, target.text_col, vector, k)
 
 
 __all__ = ["RawInput", "load_raw", "clean_raw", "build_rows", "open_cache", "discover_dimension",
-           "plan_ingest", "ingest", "ingest_per_row", "parity_check", "semantic_search"]
+           "plan_ingest", "ingest", "build_index", "ingest_per_row", "parity_check",
+           "semantic_search"]

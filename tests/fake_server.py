@@ -1,8 +1,10 @@
 """A fake embedding server on 127.0.0.1: real wire formats, counted, with faults.
 
-Speaks OpenAI `/v1/embeddings` (float and base64), Ollama `/api/embed` and the
-legacy `/api/embeddings`. Vectors derive from sha256(text), so tests can state
-exactly what they expect. Faults are drawn from a hash of (seed, request body,
+Speaks OpenAI `/v1/embeddings` (float and base64) and `/v1/models`, Ollama `/api/embed`,
+the legacy `/api/embeddings`, `/api/version` and `/api/show`. Vectors derive from
+sha256(text), so tests can state exactly what they expect. Tokens are counted as OpenAI's
+rule of thumb has it (one per 4 UTF-8 bytes); a request over `max_tokens_per_request` is
+refused with OpenAI's own message. Faults are drawn from a hash of (seed, request body,
 how often that body was seen), so a seeded server fails the same requests
 whatever order concurrent clients send them in.
 
@@ -37,6 +39,11 @@ def _unit(text: str, dim: int) -> np.ndarray:
     digest = hashlib.sha256(text.encode("utf-8")).digest()
     vector = np.random.default_rng(int.from_bytes(digest[:8], "little")).standard_normal(dim)
     return (vector / np.linalg.norm(vector)).astype(np.float32)
+
+
+def count_tokens(text: str) -> int:
+    """Tokens as OpenAI's rule of thumb counts them: one per 4 UTF-8 bytes."""
+    return -(-len(text.encode("utf-8")) // 4)
 
 
 def expected_vector(text: str, dim: int, normalized: bool = True) -> np.ndarray:
@@ -82,6 +89,12 @@ class FakeEmbeddingServer:
         self.wrong_dim: int | None = None
         self.known_models: set[str] | None = None
         self.require_key: str | None = None
+        self.version = "0.5.7"                 # what /api/version says (legacy_only: 0.2.8)
+        self.context_length: int | None = 2048  # /api/show's model_info; None: no such route
+        self.max_tokens_per_request: int | None = None
+        self.max_input_tokens: int | None = None
+        self.refuse_base64 = False             # 400 on encoding_format=base64
+        self.ignore_base64 = False             # answer floats whatever was asked
         if latency:
             self.max_batch, self.rate_429, self.rate_5xx = latency.max_batch, latency.rate_429, latency.rate_5xx
             self.retry_after_s = latency.retry_after_s
@@ -132,6 +145,8 @@ class FakeEmbeddingServer:
             self.batch_sizes: list[int] = []
             self.busy: list[tuple[float, float]] = []  # (start, end) of modelled work
             self.statuses: dict[int, int] = {}
+            self.bodies: list[dict] = []               # every decoded request body, in order
+            self.tokens_per_request: list[int] = []    # of the requests that were answered
             self._seen: dict[str, int] = {}
 
     def total_requests(self, route: str | None = None) -> int:
@@ -182,6 +197,7 @@ class FakeEmbeddingServer:
         auth = req.headers.get("Authorization")
         with self._lock:
             self.auth_headers.append(auth)
+            self.bodies.append(body)
         if self.require_key and auth != f"Bearer {self.require_key}":
             # Echo the key like a careless proxy would: clients must scrub it.
             return self.error(req, route, 401, f"Incorrect API key provided: {auth}",
@@ -213,6 +229,18 @@ class FakeEmbeddingServer:
         if self.max_batch is not None and len(texts) > self.max_batch:
             return self.error(req, route, 413, f"batch size {len(texts)} exceeds the maximum "
                               f"of {self.max_batch} inputs")
+        tokens = [count_tokens(t) for t in texts]
+        if self.max_input_tokens is not None and max(tokens, default=0) > self.max_input_tokens:
+            return self.error(req, route, 400, f"This model's maximum context length is "
+                              f"{self.max_input_tokens} tokens, however you requested "
+                              f"{max(tokens)} tokens. Please reduce your prompt.")
+        if self.max_tokens_per_request is not None and sum(tokens) > self.max_tokens_per_request:
+            return self.error(req, route, 400, f"Requested {sum(tokens)} tokens, max "
+                              f"{self.max_tokens_per_request} tokens per request",
+                              code="max_tokens_per_request", kind="max_tokens_per_request")
+        if route == OPENAI and body.get("encoding_format") == "base64" and self.refuse_base64:
+            return self.error(req, route, 400, "encoding_format 'base64' is not supported; "
+                              "use 'float'", code="invalid_value")
         bad = [i for i, t in enumerate(texts) if t in self.poison]
         if bad:
             names = ", ".join(f"input {i} ({texts[i][:30]!r})" for i in bad)
@@ -231,6 +259,7 @@ class FakeEmbeddingServer:
             payload = json.dumps(self.answer(route, body, texts, draws)).encode()
         with self._lock:
             self.batch_sizes.append(len(texts))
+            self.tokens_per_request.append(sum(tokens))
         self._count(route, "texts", len(texts))
         req.reply(200, payload)
 
@@ -246,7 +275,7 @@ class FakeEmbeddingServer:
             return {"model": body.get("model"), "embeddings": [self.vector(t, route).tolist() for t in texts],
                     "total_duration": 1_000_000, "load_duration": 1000,
                     "prompt_eval_count": sum(len(t.split()) for t in texts)}
-        b64 = body.get("encoding_format") == "base64"
+        b64 = body.get("encoding_format") == "base64" and not self.ignore_base64
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(self.vector(t, route).astype("<f4").tobytes()).decode()
                  if b64 else self.vector(t, route).tolist()} for i, t in enumerate(texts)]
@@ -257,9 +286,9 @@ class FakeEmbeddingServer:
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     def error(self, req: "_Handler", route: str, status: int, message: str, *, code: str | None = None,
-              headers: dict | None = None) -> None:
+              headers: dict | None = None, kind: str | None = None) -> None:
         if route == OPENAI:
-            kind = "invalid_request_error" if status < 500 else "server_error"
+            kind = kind or ("invalid_request_error" if status < 500 else "server_error")
             payload = {"error": {"message": message, "type": kind, "param": None, "code": code}}
         else:
             payload = {"error": message}
@@ -304,9 +333,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/_stats":
             return self.reply(200, json.dumps(self.server.fake.counts).encode())
+        fake = self.server.fake
         if self.path == "/api/version":  # Ollama: /api/embed arrived in 0.3.0
-            version = "0.2.8" if self.server.fake.legacy_only else "0.5.7"
+            version = "0.2.8" if fake.legacy_only else fake.version
             return self.reply(200, json.dumps({"version": version}).encode())
+        if self.path == "/v1/models":
+            models = sorted(fake.known_models or {"text-embedding-3-small"})
+            return self.reply(200, json.dumps({"object": "list", "data": [
+                {"id": m, "object": "model", "owned_by": "fake"} for m in models]}).encode())
         if self.path == "/_busy":  # when the server was working: does it ever wait for us?
             return self.reply(200, json.dumps(self.server.fake.busy).encode())
         self.reply(404, b"404 page not found", "text/plain")
@@ -316,6 +350,13 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/_reset":
             self.server.fake.reset()
             return self.reply(200, b"{}")
+        fake = self.server.fake
+        if self.path == "/api/show" and fake.context_length is not None:
+            model = (json.loads(raw or b"{}").get("model") or "")
+            return self.reply(200, json.dumps({"details": {"family": "nomic-bert"}, "model_info": {
+                "general.architecture": "nomic-bert",
+                "nomic-bert.context_length": fake.context_length,
+                "nomic-bert.embedding_length": fake.dim}, "model": model}).encode())
         if self.path not in ROUTES:
             return self.reply(404, b"404 page not found", "text/plain")
         self.server.fake.handle(self, self.path, raw)

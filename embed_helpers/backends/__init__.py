@@ -1,11 +1,17 @@
-"""Backends by name. A dict registry: adding one is one line here and one file."""
+"""Backends by name. A dict registry: adding one is one line here and one file.
+
+This is the only place outside the backends' own files that knows their names.
+"""
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from ..config import Settings
 from ..errors import ConfigError
 from .base import Backend
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 # name -> "module:Class", imported on demand so that choosing `ollama` never imports torch.
 REGISTRY: dict[str, str] = {
@@ -13,16 +19,23 @@ REGISTRY: dict[str, str] = {
     "ollama": "embed_helpers.backends.ollama:OllamaBackend",
     "llm_api": "embed_helpers.backends.llm_api:OpenAIBackend",
 }
+#: The offline default: needs no server, no key and no network.
+DEFAULT_BACKEND = "local"
 
 
-def get_backend(settings: Settings) -> Backend:
-    """The backend named by `settings.EMBEDDING_BACKEND`, ready to use."""
-    name = settings.EMBEDDING_BACKEND
+def backend_class(name: str) -> type[Backend]:
     if name not in REGISTRY:
-        raise ConfigError("EMBEDDING_BACKEND", f"unknown backend {name!r}; valid: {', '.join(REGISTRY)}")
+        raise ConfigError("EMBEDDING_BACKEND",
+                          f"unknown backend {name!r}; valid: {', '.join(REGISTRY)}")
     module_name, class_name = REGISTRY[name].split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(settings)
+    return getattr(importlib.import_module(module_name), class_name)
 
 
-__all__ = ["Backend", "REGISTRY", "get_backend"]
+def get_backend(settings: "Settings", **options) -> Backend:
+    """The backend named by `settings.EMBEDDING_BACKEND`, ready to use.
+
+    `options` go to the backend (`server_offset` rotates the server list, for workers)."""
+    return backend_class(settings.EMBEDDING_BACKEND)(settings, **options)
+
+
+__all__ = ["Backend", "DEFAULT_BACKEND", "REGISTRY", "backend_class", "get_backend"]

@@ -2,51 +2,87 @@
 from __future__ import annotations
 
 import base64
-import random
-import time
-from typing import Callable, Sequence
+import logging
+from functools import cached_property
+from typing import Sequence
 
 import numpy as np
 
 from ..config import Settings
-from ..errors import EmbeddingValidationError
-from ..http import HttpClient, rows_to_array
-from .base import Backend
+from ..constants import (OPENAI_COMPATIBLE_DEFAULT_INPUT_TOKENS, OPENAI_MAX_INPUT_TOKENS,
+                         OPENAI_MAX_REQUEST_TOKENS, SPECIAL_TOKENS_MARGIN)
+from ..errors import BackendError, ConfigError, EmbeddingValidationError
+from ..http import rows_to_array
+from ..tokens import EstimatedTokens, Window
+from .remote import RemoteBackend
+
+log = logging.getLogger(__name__)
 
 
-class OpenAIBackend(Backend):
+class OpenAIBackend(RemoteBackend):
     """POST {OPENAI_BASE_URL}/embeddings {"input": [...], "model", "encoding_format"}.
 
     Vectors are placed by `data[i].index`, never by position: the API does not
     promise the order. OpenAI's vectors have unit length; so do TEI's and vLLM's
-    defaults, hence `normalized = True`.
+    defaults, hence `normalized = True`. Vectors are asked for as base64 (a quarter of
+    the bytes, no float parsing); a server that refuses it is asked for floats from then
+    on, and one that ignores it answers floats, which are read as such.
     """
 
     name = "llm_api"
-    normalized = True
+    model_setting = "OPENAI_EMBED_MODEL"
+    url_setting = "OPENAI_BASE_URL"
+    service = "the embedding API"
 
-    def __init__(self, settings: Settings, *, sleep: Callable[[float], None] = time.sleep,
-                 rng: random.Random | None = None):
-        super().__init__(settings)
+    def __init__(self, settings: Settings, **options):
         key = settings.OPENAI_API_KEY
-        self.encoding = settings.EMBED_ENCODING
-        self.http = HttpClient(
-            settings.OPENAI_BASE_URL, settings, backend=self.name,
-            service="the embedding API", url_setting="OPENAI_BASE_URL",
+        if "api.openai.com" in settings.OPENAI_BASE_URL and not key:
+            raise ConfigError("OPENAI_API_KEY", "is required for api.openai.com; set it in .env "
+                                                "(never in the notebook).")
+        super().__init__(
+            settings, **options,
             headers={"Authorization": f"Bearer {key}"} if key else None, secret=key,
-            sleep=sleep, rng=rng,
             model_hint=f"Set OPENAI_EMBED_MODEL to a model this server serves "
-                       f"(now {self.model!r}; GET {settings.OPENAI_BASE_URL}/models lists them).",
+                       f"(now {settings.OPENAI_EMBED_MODEL!r}; GET .../v1/models lists them).",
             unreachable_hint="Is the server running? Is OPENAI_BASE_URL right (it ends in /v1)?")
+        self.encoding = settings.EMBED_ENCODING
 
-    @property
-    def route(self) -> str:
-        return "llm_api"
+    @cached_property
+    def window(self) -> Window:
+        """EMBED_MAX_INPUT_TOKENS, else OpenAI's documented limit for the model, else the
+        `max_model_len` a vLLM server lists for it, else 8,191 (assumed, and said so)."""
+        asked = self.settings.EMBED_MAX_INPUT_TOKENS
+        if asked:
+            limit, source = asked, "EMBED_MAX_INPUT_TOKENS"
+        elif self.model in OPENAI_MAX_INPUT_TOKENS:
+            limit, source = OPENAI_MAX_INPUT_TOKENS[self.model], f"OpenAI's limit for {self.model}"
+        else:
+            listed = self.http.get_json("/models")
+            lengths = [m.get("max_model_len") for m in (listed or {}).get("data") or []
+                       if isinstance(m, dict) and m.get("id") == self.model] \
+                if isinstance(listed, dict) else []
+            if lengths and isinstance(lengths[0], int):
+                limit, source = lengths[0], f"the server's max_model_len for {self.model}"
+            else:
+                limit, source = OPENAI_COMPATIBLE_DEFAULT_INPUT_TOKENS, \
+                    "assumed (set EMBED_MAX_INPUT_TOKENS to the model's limit)"
+        return Window(max(limit - SPECIAL_TOKENS_MARGIN, 1), EstimatedTokens(), source,
+                      self.request_budget(OPENAI_MAX_REQUEST_TOKENS))
 
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
         payload = {"input": texts, "model": self.model, "encoding_format": self.encoding}
-        body = self.http.post_json("/embeddings", payload, texts=len(texts))
+        try:
+            body = self.http.post_json("/embeddings", payload, texts=len(texts))
+        except BackendError as exc:
+            if self.encoding != "base64" or exc.status not in (400, 422) \
+                    or not any(w in (exc.server_message or "").lower()
+                               for w in ("encoding_format", "base64", "encoding format")):
+                raise
+            log.info("%s refuses encoding_format=base64 (%s): asking for floats from now on",
+                     self.service, exc.server_message)
+            self.encoding = "float"
+            return self.embed_batch(texts)
         items = body.get("data") if isinstance(body, dict) else None
         if not isinstance(items, list):
             raise EmbeddingValidationError(
@@ -68,7 +104,4 @@ class OpenAIBackend(Backend):
         return embedding or []
 
     def stats(self) -> dict:
-        return {**self.http.stats(), "route": self.route, "encoding": self.encoding}
-
-    def close(self) -> None:
-        self.http.close()
+        return {**super().stats(), "encoding": self.encoding}

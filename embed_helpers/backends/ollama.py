@@ -3,49 +3,68 @@
 Servers older than 0.3 have no `/api/embed` (Go's plain-text "404 page not found");
 they get one text per request on `/api/embeddings`, EMBED_MAX_CONCURRENCY at a
 time. That route returns unnormalized vectors, so it is part of `route` and hence
-of every cache key.
+of every cache key. The context window comes from `/api/show` and is sent with every
+request as `num_ctx`, so that what the model reads is known, not guessed.
 """
 from __future__ import annotations
 
 import logging
-import random
+import re
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from functools import cached_property
+from typing import Sequence
 
 import numpy as np
 
-from ..config import Settings
-from ..constants import CONNECT_TIMEOUT_S, LEGACY_PENDING_MAX
+from ..config import Settings, mask_url
+from ..constants import LEGACY_PENDING_MAX, OLLAMA_DEFAULT_CONTEXT, SPECIAL_TOKENS_MARGIN
 from ..errors import BackendError, ModelNotFound
-from ..http import HttpClient, rows_to_array
-from .base import Backend
+from ..http import rows_to_array
+from ..identity import Identity
+from ..tokens import EstimatedTokens, Window
+from .remote import RemoteBackend
 
 log = logging.getLogger(__name__)
 
 EMBED_PATH = "/api/embed"
 LEGACY_PATH = "/api/embeddings"
 VERSION_PATH = "/api/version"
+SHOW_PATH = "/api/show"
 FIRST_BATCHING_VERSION = (0, 3)  # /api/embed arrived in Ollama 0.3.0
 
 
-class OllamaBackend(Backend):
-    """POST {OLLAMA_HOST}/api/embed {"model", "input": [...]} -> {"embeddings": [[...]]}."""
+def parse_version(text) -> tuple[int, int] | None:
+    """(major, minor), or None when it says nothing: builds from source report 0.0.0.
+
+    >>> parse_version("0.5.7"), parse_version("0.0.0"), parse_version("0.0.0-dev"), parse_version("x")
+    ((0, 5), None, None, None)
+    """
+    match = re.match(r"^v?(\d+)\.(\d+)", str(text or "").strip())
+    if not match:
+        return None
+    version = (int(match.group(1)), int(match.group(2)))
+    return None if version == (0, 0) else version
+
+
+class OllamaBackend(RemoteBackend):
+    """POST {OLLAMA_HOST}/api/embed {"model", "input": [...], "options": {"num_ctx"}}."""
 
     name = "ollama"
+    model_setting = "OLLAMA_EMBED_MODEL"
+    url_setting = "OLLAMA_HOST"
+    service = "Ollama"
 
-    def __init__(self, settings: Settings, *, sleep: Callable[[float], None] = time.sleep,
-                 rng: random.Random | None = None):
-        super().__init__(settings)
-        self.http = HttpClient(
-            settings.OLLAMA_HOST, settings, backend=self.name, service="Ollama",
-            url_setting="OLLAMA_HOST", sleep=sleep, rng=rng,
-            model_hint=f"Run `ollama pull {self.model}` on the Ollama host, or set "
+    def __init__(self, settings: Settings, **options):
+        model = settings.OLLAMA_EMBED_MODEL
+        super().__init__(
+            settings, **options,
+            model_hint=f"Run `ollama pull {model}` on the Ollama host, or set "
                        f"OLLAMA_EMBED_MODEL to a model it has (`ollama list`).",
             unreachable_hint="Is `ollama serve` running? Is OLLAMA_HOST right?",
             auth_hint="Ollama itself has no keys: a proxy in front of OLLAMA_HOST refused us.")
         self._legacy = False
+        self._resolved = False
         self._lock = threading.Lock()
         # Legacy route only: vectors of a batch that failed as a whole, so that the
         # bisection above us does not pay one request per good text again.
@@ -60,30 +79,44 @@ class OllamaBackend(Backend):
     def normalized(self) -> bool:  # type: ignore[override]
         return not self._legacy
 
-    def resolve_route(self) -> str:
-        """Learn the route before the cache is consulted, from GET /api/version (free).
+    def identity(self, dim: int | None = None) -> Identity:
+        """Learn the route first, from GET /api/version (free): a run whose first embedding
+        request discovered an old server would have looked its texts up under the wrong
+        route, and missed. A version that says nothing (0.0.0 from a source build, a proxy
+        without the route) leaves it to the first /api/embed request."""
+        if not self._resolved:
+            body = self.http.get_json(VERSION_PATH)
+            version = parse_version(body.get("version") if isinstance(body, dict) else None)
+            if version is not None and version < FIRST_BATCHING_VERSION:
+                self._switch_to_legacy(BackendError(f"version {'.'.join(map(str, version))}"))
+            self._resolved = True
+        return super().identity(dim)
 
-        Without this, a run whose first embedding request discovers an old server would
-        have looked its texts up under the wrong route, and missed.
-        """
-        if self._legacy:
-            return self.route
-        try:
-            response = self.http.session.get(self.settings.OLLAMA_HOST + VERSION_PATH,
-                                             timeout=(CONNECT_TIMEOUT_S, CONNECT_TIMEOUT_S))
-            version = tuple(int(p) for p in response.json()["version"].split(".")[:2])
-        except Exception:  # a proxy without the route, an odd version: the first request decides
-            return self.route
-        if version < FIRST_BATCHING_VERSION:
-            self._switch_to_legacy(BackendError(f"version {'.'.join(map(str, version))}"))
-        return self.route
+    @cached_property
+    def context(self) -> tuple[int, str]:
+        """(tokens the model reads, where that figure comes from): /api/show's context
+        length, capped by EMBED_MAX_INPUT_TOKENS; sent as `num_ctx` with every request."""
+        length = _context_length(self.http.get_json(SHOW_PATH, {"model": self.model}))
+        limit, source = (length, f"Ollama /api/show context_length of {self.model}") if length \
+            else (OLLAMA_DEFAULT_CONTEXT, "Ollama's default context (/api/show gave none)")
+        asked = self.settings.EMBED_MAX_INPUT_TOKENS
+        if asked and asked < limit:
+            limit, source = asked, "EMBED_MAX_INPUT_TOKENS"
+        return limit, source
+
+    @cached_property
+    def window(self) -> Window:
+        limit, source = self.context
+        return Window(max(limit - SPECIAL_TOKENS_MARGIN, 1), EstimatedTokens(), source,
+                      self.request_budget(None))
 
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
         if not self._legacy:
+            payload = {"model": self.model, "input": texts,
+                       "options": {"num_ctx": self.context[0]}}
             try:
-                body = self.http.post_json(EMBED_PATH, {"model": self.model, "input": texts},
-                                           texts=len(texts))
+                body = self.http.post_json(EMBED_PATH, payload, texts=len(texts))
                 return rows_to_array(body.get("embeddings") or [], len(texts), backend=self.name)
             except ModelNotFound:
                 raise
@@ -99,8 +132,9 @@ class OllamaBackend(Backend):
                 self._legacy = True
                 log.warning("Ollama at %s has no %s (%s): this server is older than 0.3; using "
                             "%s, one text per request, %d in parallel. Upgrade Ollama to batch.",
-                            self.settings.OLLAMA_HOST, EMBED_PATH, exc.server_message or "404",
-                            LEGACY_PATH, self.settings.EMBED_MAX_CONCURRENCY)
+                            mask_url(self.settings.OLLAMA_HOST), EMBED_PATH,
+                            exc.server_message or "404", LEGACY_PATH,
+                            self.settings.EMBED_MAX_CONCURRENCY)
 
     def _embed_one(self, text: str) -> np.ndarray:
         with self._lock:
@@ -113,8 +147,7 @@ class OllamaBackend(Backend):
     def _embed_legacy(self, texts: list[str]) -> np.ndarray:
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.settings.EMBED_MAX_CONCURRENCY,
-                                                thread_name_prefix="ollama-legacy")
+                self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="ollama-legacy")
         futures = [self._pool.submit(self._embed_one, text) for text in texts]
         rows, error = [], None
         for text, future in zip(texts, futures):
@@ -131,10 +164,26 @@ class OllamaBackend(Backend):
             self._pending.update({t: r for t, r in zip(texts, rows) if r is not None})
         raise error
 
-    def stats(self) -> dict:
-        return {**self.http.stats(), "route": self.route}
-
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-        self.http.close()
+        super().close()
+
+
+def _context_length(body) -> int | None:
+    """`<architecture>.context_length` from /api/show's model_info.
+
+    >>> _context_length({"model_info": {"general.architecture": "nomic-bert",
+    ...                                 "nomic-bert.context_length": 2048}})
+    2048
+    >>> _context_length(None) is None
+    True
+    """
+    info = body.get("model_info") if isinstance(body, dict) else None
+    if not isinstance(info, dict):
+        return None
+    arch = info.get("general.architecture")
+    value = info.get(f"{arch}.context_length") if arch else None
+    if value is None:  # any *.context_length will do
+        value = next((v for k, v in info.items() if k.endswith(".context_length")), None)
+    return int(value) if isinstance(value, (int, float)) and value > 0 else None

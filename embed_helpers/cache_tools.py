@@ -1,0 +1,178 @@
+"""Tools around the cache stores: open the configured one, summarise, compact, move entries.
+
+`open_cache` is the one place that picks a store (EMBED_CACHE_BACKEND): the JSONL file of
+`cache`, or the table of `cache_pg`. `export_entries` / `import_entries` move entries between
+them through a JSONL file, e.g. to seed a team's database from a laptop.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+from .cache import EmbeddingCache
+from .cache_format import digest, digest_at, lock_current, raw_lines, scan_records, vector_at
+from .config import Settings, _path, relative
+from .constants import CACHE_TRANSFER_ROWS
+
+log = logging.getLogger(__name__)
+
+#: EMBED_CACHE_BACKEND -> how to open it.
+STORES = {
+    "jsonl": lambda settings: EmbeddingCache(settings.EMBED_CACHE_PATH),
+    "postgres": lambda settings: _postgres(settings),
+}
+
+
+def _postgres(settings: Settings):
+    from .cache_pg import PostgresCache
+    return PostgresCache(settings)
+
+
+def open_cache(settings: Settings):
+    """The cache store EMBED_CACHE_BACKEND names, announced with its size."""
+    store = STORES[settings.EMBED_CACHE_BACKEND](settings)
+    log.info("embedding cache: %s", store.describe())
+    return store
+
+
+def export_entries(store, path: Path | str) -> int:
+    """Write every entry of `store` to a JSONL cache file at `path` (appending what it
+    lacks); returns the entries written."""
+    target = EmbeddingCache(path)
+    written, batch = 0, []
+    for entry in store.entries():
+        batch.append(entry)
+        if len(batch) >= CACHE_TRANSFER_ROWS:
+            written += target.put_entries(batch)
+            batch = []
+    written += target.put_entries(batch)
+    target.close()
+    return written
+
+
+def import_entries(path: Path | str, store) -> int:
+    """Add the entries of the JSONL cache file at `path` to `store`; returns how many
+    were new there."""
+    source = _path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"no cache file at {source}")
+    written, batch = 0, []
+    for entry in EmbeddingCache(source, read_only=True).entries():
+        batch.append(entry)
+        if len(batch) >= CACHE_TRANSFER_ROWS:
+            written += store.put_entries(batch)
+            batch = []
+    return written + store.put_entries(batch)
+
+
+def summary(store) -> dict:
+    """`cache stats` of either store."""
+    path = getattr(store, "path", None)
+    return cache_stats(path) if isinstance(path, Path) else store.summary()
+
+
+def cache_stats(path: Path | str) -> dict:
+    """Size, entries, duplicates, bad lines and entries per settings of a cache file."""
+    path = _path(path)
+    stats = {"path": relative(path), "exists": path.is_file(), "bytes": 0, "lines": 0,
+             "entries": 0, "duplicates": 0, "bad_lines": 0, "by_settings": [],
+             "oldest": None, "newest": None}
+    if not stats["exists"]:
+        return stats
+    stats["bytes"] = path.stat().st_size
+    keys, groups = set(), Counter()
+    for _offset, meta in scan_records(path):
+        stats["lines"] += 1
+        if meta is None:
+            stats["bad_lines"] += 1
+            continue
+        key = digest(meta["key"])
+        if key in keys:
+            stats["duplicates"] += 1
+            continue
+        keys.add(key)
+        groups[(meta.get("route"), meta.get("model"), meta["dim"], meta.get("normalized"))] += 1
+        ts = meta.get("ts")
+        if isinstance(ts, str):  # ISO 8601 UTC: string order is time order
+            stats["oldest"] = min(stats["oldest"] or ts, ts)
+            stats["newest"] = max(stats["newest"] or ts, ts)
+    stats["entries"] = len(keys)
+    stats["by_settings"] = [{"route": r, "model": m, "dim": d, "normalized": n, "entries": c}
+                            for (r, m, d, n), c in groups.most_common()]
+    return stats
+
+
+def format_stats(stats: dict) -> str:
+    """A printable summary of `cache_stats`."""
+    if not stats["exists"]:
+        return f"cache: {stats['path']} (missing)"
+    size = f" ({stats['bytes'] / 1e6:.1f} MB)" if stats["bytes"] is not None else ""
+    lines = [f"cache: {stats['path']}{size}",
+             f"entries: {stats['entries']}  duplicates: {stats['duplicates']}  "
+             f"bad lines: {stats['bad_lines']}  written: {stats['oldest']} .. {stats['newest']}"]
+    for g in stats["by_settings"]:
+        lines.append(f"  {g['entries']:>9}  route={g['route']!r} model={g['model']!r} "
+                     f"dim={g['dim']} normalized={g['normalized']}")
+    return "\n".join(lines)
+
+
+def compact(path: Path | str) -> dict:
+    """Rewrite the cache without duplicate keys and bad lines, atomically, under the lock.
+
+    Every vector is decoded and checked. The new file is written beside the old one,
+    fsynced and renamed over it; caches open in other processes follow the rename on
+    their next lookup. The last line of a duplicated key wins, as in the index.
+
+    Returns:
+        path, lines_before, entries, duplicates_removed, bad_lines_removed,
+        bytes_before, bytes_after.
+    """
+    path = _path(path)
+    result = {"path": str(path), "lines_before": 0, "entries": 0, "duplicates_removed": 0,
+              "bad_lines_removed": 0, "bytes_before": 0, "bytes_after": 0}
+    if not path.exists():
+        return result
+    fd = lock_current(path, os.O_RDONLY)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.compact")
+    try:
+        size = result["bytes_before"] = os.fstat(fd).st_size
+        keep: dict[bytes, tuple[int, int]] = {}
+        end = 0
+        for off, buf, p, nl in raw_lines(fd, 0, size):
+            result["lines_before"] += 1
+            end = off + nl - p + 1
+            vector = vector_at(buf, p, nl)
+            if vector is None:
+                result["bad_lines_removed"] += 1
+                continue
+            key = digest_at(buf, p, nl)
+            result["duplicates_removed"] += key in keep
+            keep[key] = (off, nl - p + 1)
+        if end < size:
+            result["lines_before"] += 1
+            result["bad_lines_removed"] += 1
+        with open(tmp, "wb") as out:
+            start = stop = 0
+            for off, length in sorted(keep.values()) + [(-1, 0)]:  # (-1, 0): flush the last run
+                if off != stop or stop - start > (8 << 20):  # copy runs of adjacent lines
+                    out.write(os.pread(fd, stop - start, start))
+                    start = off
+                stop = off + length
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, os.fstat(fd).st_mode & 0o777)
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
+        result["entries"], result["bytes_after"] = len(keep), path.stat().st_size
+    finally:
+        os.close(fd)  # releases the lock; writers waiting on the old file retry the new one
+        tmp.unlink(missing_ok=True)
+    log.info("cache %s compacted: %d entries, %d duplicates and %d bad lines removed",
+             path, result["entries"], result["duplicates_removed"], result["bad_lines_removed"])
+    return result

@@ -1,0 +1,216 @@
+"""The steps of an ingestion, as plain functions over one block of rows.
+
+    prepare -> drop_unchanged -> Pieces (long texts) -> look_up -> embed -> remember -> write
+
+A block is any batch of rows: the whole input for the local engine, one Ray Data block on a
+worker, the texts given to `batch_embed`. Nothing here keeps state between calls: what a
+step needs is passed in, so the local engine (`pipeline`), `batch_embed` (`batching`) and
+the Ray engine (`engine_ray`) run the same steps, and a fix here reaches all three.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import db
+from .errors import DataError
+from .identity import Identity
+from .pieces import Pieces
+from .resilient import BatchSizer, Dimension, Failure, embed_resilient
+from .tokens import Window
+
+log = logging.getLogger(__name__)
+
+NUL_REASON = "text contains a NUL byte, which PostgreSQL cannot store: clean the input"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where rows go: a table and its id and text columns; long rows' chunks go to
+    `<table>_chunks`."""
+
+    table: str
+    id_col: str
+    text_col: str
+
+    @property
+    def chunks_table(self) -> str:
+        return f"{self.table}_chunks"
+
+
+@dataclass
+class Rows:
+    """Rows ready to embed: unique ids (the last of a repeated id wins), non-empty texts."""
+
+    ids: list[str]
+    texts: list[str]
+    rows_read: int
+    empty_ids: list[str] = field(default_factory=list)
+    duplicate_ids: int = 0
+    invalid: list[tuple[str, str]] = field(default_factory=list)   # (id, reason)
+
+    def take(self, positions: Sequence[int]) -> "Rows":
+        return Rows([self.ids[i] for i in positions], [self.texts[i] for i in positions],
+                    self.rows_read, self.empty_ids, self.duplicate_ids, self.invalid)
+
+
+def _missing(value) -> bool:
+    """None, NaN (pandas' missing) or a text that is empty once stripped."""
+    return value is None or value != value or (isinstance(value, str) and not value.strip())
+
+
+def prepare(ids: Sequence, texts: Sequence, *, id_col: str = "id") -> Rows:
+    """Drop empty texts (listing their ids), resolve repeated ids (last wins), and set
+    aside texts PostgreSQL cannot store.
+
+    >>> r = prepare(["a", "b", "a", "c", "d"], ["x", " ", "y", None, "n\\x00"])
+    >>> r.ids, r.texts, r.empty_ids, r.duplicate_ids, [i for i, _ in r.invalid]
+    (['a'], ['y'], ['b', 'c'], 1, ['d'])
+    """
+    ids, texts = list(ids), list(texts)
+    no_id = [row for row, value in enumerate(ids) if value is None or value != value]
+    if no_id:
+        shown = ", ".join(map(str, no_id[:10])) + (" ..." if len(no_id) > 10 else "")
+        raise DataError(f"{len(no_id)} row(s) have no id in {id_col!r} (rows {shown}). Every row "
+                        "needs an id: fix the input or choose another ID_COL.")
+    last: dict[str, str] = {}   # id -> text; re-inserting moves a repeated id to its last place
+    empty_ids, kept = [], 0
+    for row_id, text in zip(map(str, ids), texts):
+        if _missing(text):
+            empty_ids.append(row_id)
+            continue
+        kept += 1
+        last.pop(row_id, None)
+        last[row_id] = str(text)
+    if empty_ids:
+        log.warning("%d rows with empty text are not sent (ids: %s%s)", len(empty_ids),
+                    ", ".join(empty_ids[:5]), " ..." if len(empty_ids) > 5 else "")
+    if kept > len(last):
+        log.warning("%d rows repeat an id already seen; the last one of each id wins",
+                    kept - len(last))
+    invalid = [(i, NUL_REASON) for i, t in last.items() if "\x00" in t]
+    for row_id, _ in invalid:
+        del last[row_id]
+    return Rows(list(last), list(last.values()), len(ids), empty_ids, kept - len(last) - len(invalid),
+                invalid)
+
+
+def text_md5(text: str) -> str:
+    """The hash PostgreSQL's md5(text) gives, to spot rows stored unchanged."""
+    return hashlib.md5(text.encode("utf-8")).hexdigest()
+
+
+def drop_unchanged(conn, target: Target, rows: Rows, window: Window | None = None,
+                   policy: str = "chunk") -> tuple[list[int], int, set[str]]:
+    """Positions of rows to write, the count stored unchanged, and the ids already stored.
+
+    A row is unchanged when its stored text has the same md5 and it has a vector; with
+    EMBED_LONG_TEXTS=chunk a long row must also have its chunks (a row stored before
+    chunking existed is embedded again, in chunks).
+    """
+    stored = db.stored_state(conn, target.table, target.id_col, target.text_col,
+                             target.chunks_table, rows.ids)
+    if not stored:
+        return list(range(len(rows.ids))), 0, set()
+    same = [i for i, (row_id, text) in enumerate(zip(rows.ids, rows.texts))
+            if row_id in stored and stored[row_id][0] == text_md5(text)]
+    redo = set()
+    if window is not None and policy == "chunk":
+        check = [i for i in same if not stored[rows.ids[i]][1]
+                 and len(rows.texts[i].encode("utf-8", "surrogatepass")) > window.max_tokens]
+        counts = window.counter.count([rows.texts[i] for i in check])
+        redo = {i for i, n in zip(check, counts) if n > window.max_tokens}
+    unchanged = set(same) - redo
+    todo = [i for i in range(len(rows.ids)) if i not in unchanged]
+    return todo, len(unchanged), set(stored)
+
+
+def known_dimension(settings, identity: Identity, *, conn=None, table: str | None = None,
+                    cache=None) -> tuple[int | None, str]:
+    """The dimension without a request, and where it comes from: EMBEDDING_DIM, else the
+    table, else the cache (when it holds exactly one for this model); (None, "") when only
+    the first batch can tell."""
+    if settings.EMBEDDING_DIM:
+        return settings.EMBEDDING_DIM, "EMBEDDING_DIM"
+    if conn is not None and table:
+        dim = db.table_dimension(conn, table)
+        if dim:
+            return dim, f"the dimension of the existing table {table}"
+    if cache is not None:
+        dims = cache.dims(identity.route, identity.model, identity.normalized)
+        if len(dims) == 1:
+            return dims[0], "the dimension the cache holds for this model"
+    return None, ""
+
+
+def look_up(cache, identity: Identity, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """Cached vectors of `texts` under `identity` (one store call); {} without a cache
+    or before the dimension is known."""
+    if cache is None or not texts or not identity.dim:
+        return {}
+    return cache.get_many(identity, list(texts))
+
+
+def in_cache(cache, identity: Identity, texts: Sequence[str]) -> set[str]:
+    """Which texts the cache holds, without reading their vectors (for the plan)."""
+    if cache is None or not texts or not identity.dim:
+        return set()
+    return cache.contains(identity, list(texts))
+
+
+def embed(backend, texts: list[str], *, sizer: BatchSizer, dimension: Dimension
+          ) -> tuple[list[str], np.ndarray, list[Failure]]:
+    """One batch through `embed_resilient`: (texts, vectors, failures)."""
+    vectors, failures = embed_resilient(backend, texts, sizer=sizer, dimension=dimension)
+    return texts, vectors, failures
+
+
+def remember(cache, identity: Identity, texts: Sequence[str], vectors: np.ndarray,
+             failures: Sequence[Failure] = ()) -> None:
+    """Store the good vectors of a batch in the cache (before the table: a crash between the
+    two finds them in the cache next time)."""
+    if cache is None or not len(texts):
+        return
+    bad = {f.position for f in failures}
+    good = [i for i in range(len(texts)) if i not in bad]
+    if good:
+        cache.put_many(identity, [texts[i] for i in good], vectors[good])
+
+
+def batches(texts: Sequence[str], size: int | Callable[[], int],
+            tokens: Sequence[int] | None = None, budget: int | None = None) -> Iterator[list[str]]:
+    """Consecutive batches of at most `size` texts and, given counts, `budget` tokens.
+    `size` may be a function (a `BatchSizer` that shrinks when a server says "too large").
+
+    >>> list(batches(list("abcde"), 2))
+    [['a', 'b'], ['c', 'd'], ['e']]
+    >>> list(batches(list("abcd"), 10, [3, 3, 3, 9], budget=7))
+    [['a', 'b'], ['c'], ['d']]
+    """
+    batch, used = [], 0
+    limit = size() if callable(size) else size
+    for i, text in enumerate(texts):
+        cost = tokens[i] if tokens is not None and budget else 0
+        if batch and (len(batch) >= limit or (budget and used + cost > budget)):
+            yield batch
+            batch, used = [], 0
+            limit = size() if callable(size) else size
+        batch.append(text)
+        used += cost
+    if batch:
+        yield batch
+
+
+def write(conn, target: Target, pieces: Pieces, done, *, upsert: bool, assume_new: bool) -> int:
+    """Write completed rows (and the chunks of long ones) in one transaction."""
+    if not done.rows:
+        return 0
+    row_ids = [pieces.ids[r] for r in done.rows]
+    chunks = [(pieces.ids[r], k, start, end, vector) for r, k, start, end, vector in done.chunks]
+    return db.write_rows(conn, target.table, target.id_col, target.text_col, row_ids,
+                         [pieces.row_texts[r] for r in done.rows], done.vectors, upsert=upsert,
+                         assume_new=assume_new, chunks=chunks, chunks_table=target.chunks_table)
