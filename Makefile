@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench venv clean
+.PHONY: run test bench venv clean notebook
 
 $(STAMP): requirements.txt requirements-local.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,5 +29,15 @@ bench: $(STAMP)
 	$(PY) bench/ingest.py
 	$(PY) bench/cache.py
 
+## Re-execute notebooks/run.ipynb in place from a clean state (a new database and cache, as
+## nbval has), to commit it with its outputs after changing it.
+NB_STATE := EMBED_ENV_FILE= DATABASE_URL= EMBED_PGDATA=.pgdata-notebook \
+	EMBED_CACHE_PATH=.cache/notebook/cache.jsonl EMBED_RUNS_DIR=.cache/notebook/runs
+notebook: $(STAMP)
+	rm -rf .pgdata-notebook .cache/notebook
+	$(NB_STATE) $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/run.ipynb
+	$(PY) -c "from embed_helpers.pg_embedded import stop; stop('.pgdata-notebook')"
+	rm -rf .pgdata-notebook .cache/notebook
+
 clean:
-	rm -rf $(VENV) .pgdata .cache runs .pytest_cache
+	rm -rf $(VENV) .pgdata .pgdata-test .pgdata-notebook .cache runs .pytest_cache

@@ -12,7 +12,7 @@ _EXPORTS = {
     "cache": ["EmbeddingCache"],
     "cache_doctor": ["diagnose", "doctor_report"],
     "cache_tools": ["open_cache"],
-    "config": ["Settings", "load_settings"],
+    "config": ["Settings", "load_settings", "relative"],
     "constants": ["project_path"],
     "core": ["Target"],
     "db": ["connect", "count_rows", "create_table", "drop_table", "server_info"],

@@ -82,25 +82,33 @@ def batch_embed(texts: Sequence[str], backend: Any = None, settings: Any = None,
 
 
 def _embed_texts(texts: list[str], backend, settings, cache) -> EmbedResult:
-    positions = list(range(len(texts)))
-    empty = [i for i in positions if not texts[i].strip()]
-    keep = [i for i in positions if texts[i].strip()]
+    keep = [i for i, t in enumerate(texts) if t.strip()]
     pieces = Pieces([str(i) for i in keep], [texts[i] for i in keep], backend.window,
                     settings.EMBED_LONG_TEXTS, settings.EMBED_CHUNK_OVERLAP)
-    dim, source = core.known_dimension(settings, backend.identity(), cache=cache)
-    dimension = Dimension(dim, source)
+    dimension = Dimension(*core.known_dimension(settings, backend.identity(), cache=cache))
     requests_before = backend.stats().get("requests", 0)
-    out: dict[int, np.ndarray] = {}
-    failed: dict[int, str] = {keep[r]: reason for r, reason in pieces.failed}
-    failed.update({i: "empty text: nothing to embed" for i in empty})
+    failed: dict[int, tuple[str, int | None]] = {keep[r]: (reason, None) for r, reason in pieces.failed}
+    failed.update({i: ("empty text: nothing to embed", None) for i, t in enumerate(texts)
+                   if not t.strip()})
+    hits = core.look_up(cache, backend.identity(dimension.value), pieces.texts)
+    done = [pieces.deliver(list(hits), np.array(list(hits.values()), dtype=np.float32))]
+    embedded = _embed_misses([t for t in pieces.texts if t not in hits], pieces, backend,
+                             settings, cache, dimension, done, failed, keep)
+    vectors = np.full((len(texts), dimension.value or 0), np.nan, dtype=np.float32)
+    for part in done:
+        for r, vector in zip(part.rows, part.vectors):
+            vectors[keep[r]] = vector
+    failures = [Failure(i, preview(texts[i]), *failed[i]) for i in sorted(failed)]
+    requests = backend.stats().get("requests", 0) - requests_before
+    log.info("embedded %d texts (%d distinct, %d from cache) in %d requests; %d failed",
+             len(texts), len(pieces.texts), len(hits), requests, len(failures))
+    return EmbedResult(vectors, failures, requests, embedded, len(hits))
 
-    def take(done) -> None:
-        out.update((keep[r], v) for r, v in zip(done.rows, done.vectors))
 
-    identity = backend.identity(dimension.value)
-    hits = core.look_up(cache, identity, pieces.texts)
-    take(pieces.deliver(list(hits), np.array(list(hits.values()), dtype=np.float32)))
-    misses = [t for t in pieces.texts if t not in hits]
+def _embed_misses(misses: list[str], pieces: Pieces, backend, settings, cache,
+                  dimension: Dimension, done: list, failed: dict, keep: list[int]) -> int:
+    """Embed the texts the cache lacks, EMBED_MAX_CONCURRENCY batches per server at a time,
+    caching each batch as it returns; returns how many texts were embedded."""
     sizer = BatchSizer(min(settings.EMBED_BATCH_SIZE, backend.max_batch or settings.EMBED_BATCH_SIZE))
     budget = backend.window.request_tokens
     tokens = pieces.token_counts(misses, backend.window) if budget else None
@@ -111,20 +119,12 @@ def _embed_texts(texts: list[str], backend, settings, cache) -> EmbedResult:
         for future in as_completed(futures):
             batch, vectors, failures = future.result()
             core.remember(cache, backend.identity(dimension.value), batch, vectors, failures)
-            bad = {f.position: f.reason for f in failures}
-            for position, reason in bad.items():
-                failed.update((keep[r], reason) for r in pieces.fail(batch[position]))
-            good = [i for i in range(len(batch)) if i not in bad]
+            for f in failures:
+                failed.update((keep[r], (f.reason, f.status)) for r in pieces.fail(batch[f.position]))
+            good = [i for i in range(len(batch)) if i not in {f.position for f in failures}]
             embedded += len(good)
-            take(pieces.deliver([batch[i] for i in good], vectors[good]))
-    vectors = np.full((len(texts), dimension.value or 0), np.nan, dtype=np.float32)
-    for i, vector in out.items():
-        vectors[i] = vector
-    failures = [Failure(i, preview(texts[i]), failed[i]) for i in sorted(failed)]
-    requests = backend.stats().get("requests", 0) - requests_before
-    log.info("embedded %d texts (%d distinct, %d from cache) in %d requests; %d failed",
-             len(texts), len(pieces.texts), len(hits), requests, len(failures))
-    return EmbedResult(vectors, failures, requests, embedded, len(hits))
+            done.append(pieces.deliver([batch[i] for i in good], vectors[good]))
+    return embedded
 
 
 async def abatch_embed(texts: Sequence[str], backend: Any = None, settings: Any = None, *,

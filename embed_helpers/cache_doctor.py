@@ -74,7 +74,7 @@ class Diagnosis:
     file_state: str                      # "ok", "missing" or "empty"
     entries: int
     bad_lines: int
-    other_caches: dict[Path, int] = field(default_factory=dict)   # path -> lines
+    other_caches: dict[str, int] = field(default_factory=dict)    # path -> lines
     verdicts: list[Verdict] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:

@@ -101,8 +101,15 @@ class PostgresCache:
 
     def put_many(self, identity: Identity, texts: Sequence[str], vectors: np.ndarray) -> int:
         """Insert new entries in one statement; entries another writer stored are kept."""
-        good = [i for i, v in enumerate(vectors)
-                if np.asarray(v).size == identity.dim and np.isfinite(v).all()]
+        if len(vectors) != len(texts):
+            raise ValueError(f"{len(vectors)} vectors but {len(texts)} texts")
+        good = []
+        for i, vector in enumerate(vectors):
+            vec = np.asarray(vector, dtype="<f4")
+            if vec.ndim == 1 and vec.size == identity.dim and np.isfinite(vec).all():
+                good.append(i)
+            else:
+                log.warning("cache: not caching a bad vector for %r", texts[i][:60])
         if not good:
             return 0
         keys = identity.keys([texts[i] for i in good])
@@ -209,7 +216,8 @@ def _create(conn) -> None:
         with conn.cursor() as cur:
             cur.execute(SCHEMA)
         conn.commit()
-    except (psycopg2.errors.UniqueViolation, psycopg2.errors.DuplicateTable):
+    except (psycopg2.errors.UniqueViolation, psycopg2.errors.DuplicateTable,
+            psycopg2.errors.DuplicateObject):
         conn.rollback()  # another machine created it at the same moment
 
 

@@ -55,9 +55,12 @@ def mask_url(url: str | None) -> str:
 
     >>> mask_url("postgresql://alice:s3cret@db:5432/x")
     'postgresql://alice:****@db:5432/x'
+    >>> mask_url("host=db user=alice password=s3cret dbname=x")
+    'host=db user=alice password=**** dbname=x'
     """
     if not url:
         return ""
+    url = re.sub(r"(\bpassword=)('[^']*'|\S+)", r"\1****", url)  # key=value DSNs
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1****@", url)
 
 
@@ -123,7 +126,7 @@ def _urls(value: Any) -> str:
     parts = [p for p in str(value).split(",") if p.strip()]
     if not parts:
         raise ValueError("expected one or more http(s):// URLs separated by commas")
-    return ",".join(_url(p) for p in parts)
+    return ",".join(_url(p.strip()) for p in parts)
 
 
 def urls(value: str) -> list[str]:

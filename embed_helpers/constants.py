@@ -109,3 +109,17 @@ READ_SPAN_BYTES = 8 << 20
 DOCTOR_SAMPLE = 20
 #: Rows per statement when `cache import` / `cache export` move entries.
 CACHE_TRANSFER_ROWS = 5000
+
+# The Ray engine (embed_helpers.engine_ray, embed_helpers.worker)
+#: A block, the rows a worker takes at a time (one claim, one lookup and one transaction
+#: each), holds this many batches of EMBED_BATCH_SIZE: enough to keep a worker's requests
+#: in flight, few enough that a worker killed mid-block costs little to redo.
+RAY_BATCHES_PER_BLOCK = 4
+#: Rows per block read from a file; files are streamed, never read whole.
+RAY_READ_ROWS = 4096
+#: CPUs a worker of an HTTP backend asks Ray for: it mostly waits for its servers.
+RAY_HTTP_WORKER_CPUS = 0.25
+#: CPUs a file reader asks for (not the workers' share: see engine_ray._dataset).
+RAY_READER_CPUS = 0.1
+#: The object store of a local Ray started for a run (blocks of text, not vectors, go there).
+RAY_OBJECT_STORE_BYTES = 200_000_000

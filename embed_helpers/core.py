@@ -58,7 +58,7 @@ class Rows:
                     self.rows_read, self.empty_ids, self.duplicate_ids, self.invalid)
 
 
-def _missing(value) -> bool:
+def is_missing(value) -> bool:
     """None, NaN (pandas' missing) or a text that is empty once stripped."""
     return value is None or value != value or (isinstance(value, str) and not value.strip())
 
@@ -80,7 +80,7 @@ def prepare(ids: Sequence, texts: Sequence, *, id_col: str = "id") -> Rows:
     last: dict[str, str] = {}   # id -> text; re-inserting moves a repeated id to its last place
     empty_ids, kept = [], 0
     for row_id, text in zip(map(str, ids), texts):
-        if _missing(text):
+        if is_missing(text):
             empty_ids.append(row_id)
             continue
         kept += 1
@@ -205,12 +205,15 @@ def batches(texts: Sequence[str], size: int | Callable[[], int],
         yield batch
 
 
-def write(conn, target: Target, pieces: Pieces, done, *, upsert: bool, assume_new: bool) -> int:
-    """Write completed rows (and the chunks of long ones) in one transaction."""
+def write(conn, target: Target, pieces: Pieces, done, *, upsert: bool, assume_new: bool,
+          claim: tuple[str, dict] | None = None) -> int:
+    """Write completed rows (and the chunks of long ones) in one transaction; with `claim`,
+    only rows whose input position is still the latest for their id (`claims`)."""
     if not done.rows:
         return 0
     row_ids = [pieces.ids[r] for r in done.rows]
     chunks = [(pieces.ids[r], k, start, end, vector) for r, k, start, end, vector in done.chunks]
     return db.write_rows(conn, target.table, target.id_col, target.text_col, row_ids,
                          [pieces.row_texts[r] for r in done.rows], done.vectors, upsert=upsert,
-                         assume_new=assume_new, chunks=chunks, chunks_table=target.chunks_table)
+                         assume_new=assume_new, chunks=chunks, chunks_table=target.chunks_table,
+                         claim=claim)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import struct
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -21,14 +20,14 @@ from psycopg2.extras import execute_values
 
 from .config import Settings, mask_url
 from .constants import COPY_BUFFER_BYTES, LOOKUP_CHUNK_IDS
+from .claims import claim_in_transaction
+from .copy_format import chunks_payload, rows_payload
 from .db_guard import EXTERNAL, check_once, guarded
 from .errors import DatabaseError, DataError
 
 log = logging.getLogger(__name__)
 
 STAGE_TABLE = "_embed_helpers_stage"
-_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
-_ROWS_FIELDS, _CHUNK_FIELDS = struct.pack(">h", 3), struct.pack(">h", 5)
 
 
 def connect(settings: Settings):
@@ -131,7 +130,8 @@ def _create(conn, table: str, dim: int, statement: sql.Composable) -> None:
         with conn.cursor() as cur:
             cur.execute(statement)
         conn.commit()
-    except (psycopg2.errors.UniqueViolation, psycopg2.errors.DuplicateTable):
+    except (psycopg2.errors.UniqueViolation, psycopg2.errors.DuplicateTable,
+            psycopg2.errors.DuplicateObject):
         conn.rollback()  # another worker created it at the same moment: IF NOT EXISTS races
         _create(conn, table, dim, statement)
 
@@ -160,47 +160,6 @@ def stored_state(conn, table: str, id_col: str, text_col: str, chunks_table: str
     return found
 
 
-def _vector_field(vector: np.ndarray) -> bytes:
-    data = np.ascontiguousarray(vector, dtype=">f4").tobytes()
-    return struct.pack(">ihh", 4 + len(data), len(data) // 4, 0) + data
-
-
-def _copy_payload(ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray) -> bytes:
-    """PostgreSQL binary COPY rows (id text, text text, embedding vector).
-
-    Binary COPY skips turning every float into text: about 18x faster than
-    `execute_values` on this kind of data (see GUIDE.md, "Writes").
-    """
-    dim = vectors.shape[1]
-    big_endian = np.ascontiguousarray(vectors, dtype=">f4")
-    vector_head = struct.pack(">ihh", 4 + 4 * dim, dim, 0)
-    out = io.BytesIO()
-    out.write(_COPY_HEADER)
-    for i, (row_id, text) in enumerate(zip(ids, texts)):
-        id_bytes, text_bytes = row_id.encode(), text.encode()
-        out.write(_ROWS_FIELDS + struct.pack(">i", len(id_bytes)))
-        out.write(id_bytes)
-        out.write(struct.pack(">i", len(text_bytes)))
-        out.write(text_bytes)
-        out.write(vector_head)
-        out.write(big_endian[i].tobytes())
-    out.write(b"\xff\xff")
-    return out.getvalue()
-
-
-def _chunks_payload(chunks: Sequence[tuple[str, int, int, int, np.ndarray]]) -> bytes:
-    """Binary COPY rows (id text, chunk int, char_start int, char_end int, embedding)."""
-    out = io.BytesIO()
-    out.write(_COPY_HEADER)
-    for row_id, number, start, end, vector in chunks:
-        id_bytes = row_id.encode()
-        out.write(_CHUNK_FIELDS + struct.pack(">i", len(id_bytes)) + id_bytes)
-        out.write(struct.pack(">iiiiii", 4, number, 4, start, 4, end))
-        out.write(_vector_field(vector))
-    out.write(b"\xff\xff")
-    return out.getvalue()
-
-
 def _copy(conn, cur, table: str, columns: list[str], payload: bytes) -> None:
     statement = sql.SQL("COPY {t} ({cols}) FROM STDIN WITH (FORMAT binary)").format(
         t=sql.Identifier(table), cols=sql.SQL(", ").join(map(sql.Identifier, columns)))
@@ -211,7 +170,7 @@ def _copy(conn, cur, table: str, columns: list[str], payload: bytes) -> None:
 def write_rows(conn, table: str, id_col: str, text_col: str, ids: Sequence[str],
                texts: Sequence[str], vectors: np.ndarray, *, upsert: bool = True,
                method: str = "copy", assume_new: bool = False, chunks: Sequence = (),
-               chunks_table: str | None = None) -> int:
+               chunks_table: str | None = None, claim: tuple[str, dict] | None = None) -> int:
     """Write one batch, and the chunks of its long rows, in one transaction.
 
     `method="copy"`: binary COPY into a temporary staging table, then one
@@ -220,6 +179,9 @@ def write_rows(conn, table: str, id_col: str, text_col: str, ids: Sequence[str],
     another writer stored one of them meanwhile, the batch falls back to the upsert.
     `method="execute_values"`: the classic path. Ids must be unique within the batch.
     Chunks (id, number, start, end, vector) replace every chunk stored for these ids.
+    `claim` (run key, {id: input position}): only the rows whose position is still the
+    latest claimed for their id are written (`claim_rows`); the check holds the claims'
+    row locks until the commit, so a later duplicate can never be overwritten by an earlier.
     """
     if not len(ids):
         return 0
@@ -231,8 +193,17 @@ def write_rows(conn, table: str, id_col: str, text_col: str, ids: Sequence[str],
     conflict = _conflict(upsert, id_col, text_col)
     written = None  # the ids written, when not all of them were (UPSERT off)
     with conn.cursor() as cur:
+        if claim is not None:
+            latest = claim_in_transaction(cur, claim[0], ids, [claim[1][i] for i in ids])
+            if len(latest) < len(ids):
+                keep = [k for k, i in enumerate(ids) if i in latest]
+                ids, texts, vectors = [ids[k] for k in keep], [texts[k] for k in keep], vectors[keep]
+                chunks = [c for c in chunks if c[0] in latest]
+            if not ids:
+                conn.commit()
+                return 0
         if method == "copy":
-            payload = _copy_payload(ids, texts, vectors)
+            payload = rows_payload(ids, texts, vectors)
             if not (assume_new and _copy_new_rows(conn, cur, table, id_col, text_col, payload)):
                 cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {s} (id text, txt text, "
                                     "embedding vector) ON COMMIT DELETE ROWS").format(
@@ -245,9 +216,13 @@ def write_rows(conn, table: str, id_col: str, text_col: str, ids: Sequence[str],
                 if not upsert:
                     written = {r[0] for r in cur.fetchall()}
         elif method == "execute_values":
-            execute_values(cur, sql.SQL("INSERT INTO {t} ({id}, {text}, embedding) VALUES %s ")
-                           .format(**names).as_string(conn) + conflict.as_string(conn),
-                           list(zip(ids, texts, vectors)), page_size=len(ids))
+            returning = "" if upsert else sql.SQL(" RETURNING {id}").format(**names).as_string(conn)
+            rows = execute_values(cur, sql.SQL("INSERT INTO {t} ({id}, {text}, embedding) VALUES %s ")
+                                  .format(**names).as_string(conn) + conflict.as_string(conn)
+                                  + returning, list(zip(ids, texts, vectors)), page_size=len(ids),
+                                  fetch=not upsert)
+            if not upsert:
+                written = {r[0] for r in rows}
         else:
             raise ValueError(f"unknown write method {method!r}: copy or execute_values")
         if replace_chunks:  # rows kept as they were (UPSERT off) keep their chunks too
@@ -266,7 +241,7 @@ def _replace_chunks(conn, cur, table: str, id_col: str, ids: Sequence[str],
         t=sql.Identifier(table), id=sql.Identifier(id_col)), (list(ids),))
     if chunks:
         _copy(conn, cur, table, [id_col, "chunk", "char_start", "char_end", "embedding"],
-              _chunks_payload(chunks))
+              chunks_payload(chunks))
 
 
 def _copy_new_rows(conn, cur, table: str, id_col: str, text_col: str, payload: bytes) -> bool:

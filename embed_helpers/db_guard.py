@@ -87,11 +87,23 @@ def guarded(what: str) -> Callable:
         def wrapper(conn, *args, **kwargs):
             try:
                 return func(conn, *args, **kwargs)
-            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            except psycopg2.Error as exc:
                 doing = what.format(table=args[0] if args and isinstance(args[0], str) else "")
-                raise diagnose(exc, doing, log_file(conn)) from None
+                if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+                    raise diagnose(exc, doing, log_file(conn)) from None
+                _rollback(conn)
+                said = (getattr(exc, "pgerror", None) or str(exc)).strip()
+                raise DatabaseError(f"PostgreSQL refused while {doing}: {said} Nothing of this "
+                                    f"batch was written (one transaction).") from None
         return wrapper
     return decorate
+
+
+def _rollback(conn) -> None:
+    try:
+        conn.rollback()
+    except psycopg2.Error:
+        pass
 
 
 def _tail(path: Path | None) -> str:

@@ -132,19 +132,24 @@ class HttpClient:
 
     # --- the request --------------------------------------------------------------
     def get_json(self, path: str, payload: dict | None = None) -> Any:
-        """A small JSON document (a version, a model's facts) from any live server: GET, or
-        POST with `payload`. None when it cannot be had; never retried, callers fall back to
-        a default."""
-        server = self.pool.acquire()
+        """A small JSON document (a version, a model's facts) from the first live server:
+        GET, or POST with `payload`. None when none answers it; never retried, callers fall
+        back to a default."""
         timeout = (CONNECT_TIMEOUT_S, CONNECT_TIMEOUT_S)
-        try:
-            response = self.session.post(server.url + path, json=payload, timeout=timeout) \
-                if payload is not None else self.session.get(server.url + path, timeout=timeout)
-            body = response.json() if response.ok else None
-        except (requests.RequestException, ValueError):
-            body = None
-        self.pool.release(server, ok=True)
-        return body
+        for _ in range(len(self.pool)):
+            server = self.pool.acquire(count=False)
+            try:
+                response = self.session.post(server.url + path, json=payload, timeout=timeout) \
+                    if payload is not None else self.session.get(server.url + path, timeout=timeout)
+            except requests.RequestException:
+                self.pool.release(server, ok=False, down=True)
+                continue
+            self.pool.release(server, ok=True)
+            try:
+                return response.json() if response.ok else None
+            except ValueError:
+                return None
+        return None
 
     def post_json(self, path: str, payload: dict, *, texts: int = 0) -> Any:
         """POST JSON, retrying per `retry.py`; return the decoded JSON body.
@@ -221,7 +226,8 @@ class HttpClient:
                            f"{self.settings.EMBEDDING_TIMEOUT:g}s ({tries})."),
                 backend=self.backend,
                 hint="Raise EMBEDDING_TIMEOUT, or lower EMBED_BATCH_SIZE / EMBED_MAX_CONCURRENCY.")
-        others = f"; none of the {len(self.pool)} servers of {self.url_setting} answered" \
+        others = (f"; none of the {len(self.pool)} servers of {self.url_setting} answered: "
+                  f"{', '.join(mask_url(s.url) for s in self.pool.servers)}") \
             if len(self.pool) > 1 else ""
         return BackendUnreachable(
             self.scrub(f"Cannot reach {self.service} at {mask_url(url)} ({type(exc).__name__} "

@@ -22,9 +22,9 @@ def cache_key(route: str, model: str, dim: int, normalized: bool, text: str) -> 
     field and route and model may not (ValueError), dim and the flag are digits, so two
     different field tuples can never join to the same string.
 
-    >>> cache_key("ollama:/api/embed", "nomic-embed-text", 768, True, "hello")[:16]
-    'e3113362d0dc0dcc'
-    >>> cache_key("local", "m", 384, True, "a") == cache_key("local", "m", 384, True, "a ")
+    >>> cache_key("route-a", "nomic-embed-text", 768, True, "hello")[:16]
+    '8c27a49d962903c9'
+    >>> cache_key("route-a", "m", 384, True, "a") == cache_key("route-a", "m", 384, True, "a ")
     False
     """
     if _SEP in route or _SEP in model:

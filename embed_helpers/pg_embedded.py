@@ -76,3 +76,17 @@ def embedded_uri(pgdata: Path = DEFAULT_PGDATA) -> str:
     _uris[pgdata] = server.get_uri()
     log.info("embedded PostgreSQL in %s (stops when the last process using it exits)", pgdata)
     return _uris[pgdata]
+
+
+def stop(pgdata: Path | str) -> None:
+    """Stop the embedded server of `pgdata` unless another live process still uses it
+    (e.g. after a notebook kernel was killed and left it running)."""
+    import pgserver
+    pgdata = Path(pgdata).resolve()
+    if not (pgdata / "PG_VERSION").is_file():
+        return
+    from pgserver.postgres_server import PostgresServer
+    with PostgresServer._lock:
+        _forget_dead_handles(pgdata)
+    pgserver.get_server(pgdata, cleanup_mode="stop").cleanup()
+    _uris.pop(pgdata, None)

@@ -8,6 +8,7 @@ their vectors (see GUIDE.md, "Long texts", for why), and its chunks are kept for
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from .chunking import split, truncate
 from .constants import LONG_TEXT_EXAMPLES
 from .errors import ConfigError
 from .tokens import Window
+
+log = logging.getLogger(__name__)
 
 POLICIES = ("chunk", "truncate", "fail")
 
@@ -114,6 +117,11 @@ class Pieces:
                 spans = split(text, units, limit, overlap)
                 long.chunks += len(spans)
                 self._add(row, spans, None)
+        if long.over and long.policy == "truncate":
+            log.warning("%d texts are longer than the %d-token window and are cut "
+                        "(EMBED_LONG_TEXTS=truncate): %.1f%% of the characters are not read; "
+                        "e.g. ids %s", long.over, limit, 100 * long.share_beyond,
+                        ", ".join(long.examples))
 
     def _add(self, row: int, spans: list[tuple[int, int]], counts: list[int] | None) -> None:
         self.spans.append(spans)
@@ -179,6 +187,14 @@ class Done:
     rows: list[int]
     vectors: np.ndarray
     chunks: list[tuple[int, int, int, int, np.ndarray]]
+
+    @staticmethod
+    def merge(parts: list["Done"]) -> "Done":
+        parts = [p for p in parts if p.rows]
+        if not parts:
+            return Done([], np.empty((0, 0), dtype=np.float32), [])
+        return Done([r for p in parts for r in p.rows], np.concatenate([p.vectors for p in parts]),
+                    [c for p in parts for c in p.chunks])
 
 
 def mean_vector(vectors: np.ndarray) -> np.ndarray:

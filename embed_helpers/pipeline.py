@@ -141,7 +141,12 @@ def _cached_chunks(plan: Plan) -> list[list[str]]:
 
 
 def run_plan(plan: Plan, *, conn, backend, cache, settings, progress: bool = True) -> RunReport:
-    """Carry out a plan: embed what is missing, write what changed. Returns the report."""
+    """Carry out a plan: embed what is missing, write what changed. Returns the report.
+    With EMBED_ENGINE=ray the plan's rows go to the Ray engine instead (`engine_ray`)."""
+    if settings.EMBED_ENGINE == "ray":
+        from .engine_ray import ingest_ray
+        rows = {plan.target.id_col: plan.rows.ids, plan.target.text_col: plan.rows.texts}
+        return ingest_ray(rows, plan.target, settings=settings, progress=progress)
     run = _Run(plan, backend=backend, cache=cache, settings=settings, progress=progress)
     stats_before = backend.stats()
     sizer = BatchSizer(plan.batch_size)

@@ -73,11 +73,11 @@ class Plan:
             ("rows to write", len(self.todo)),
             *self.pieces.long.as_rows(),
             ("texts to send (chunks counted, duplicates once)", len(self.pieces.texts)),
-            (f"texts in the cache ({self.cache_name})" if self.cache_name else
-             "texts in the cache", len(self.cached)),
+            ("cache", self.cache_name or "none"),
+            ("texts in the cache", len(self.cached)),
             ("texts to embed", len(self.to_embed)),
             (f"requests at batch size {self.batch_size}", self.requests),
-            ("estimated embedding time (s)", "unknown" if est is None else round(est, 1)),
+            ("estimated embedding time", "unknown" if est is None else f"{est:.1f} s"),
         ]
         if self.gpu_hourly_usd is not None:
             cost = self.est_cost_usd
@@ -109,10 +109,6 @@ def make_plan(rows: Rows, target: Target, *, conn, backend, cache, settings,
                 texts_per_s=settings.EMBED_EXPECTED_TEXTS_PER_S,
                 gpu_hourly_usd=settings.GPU_HOURLY_USD,
                 cache_name=cache.describe() if cache is not None else "")
-    if pieces.long.over and policy == "truncate":
-        log.warning("%d texts are longer than the %d-token window and will be cut "
-                    "(EMBED_LONG_TEXTS=truncate); e.g. ids %s", pieces.long.over,
-                    window.max_tokens, ", ".join(pieces.long.examples))
     if dim is None:
         plan.notes.append("the dimension is learned from the first batch (no probe request)")
     return plan

@@ -73,8 +73,9 @@ class RunReport:
     gpu_hourly_usd: float | None = None
     #: per server: requests, texts, errors, times set aside, mean latency
     servers: dict = field(default_factory=dict)
-    #: Ray engine, per worker: blocks, rows, rows per second
+    #: Ray engine, per worker: blocks, rows, rows per second; and Ray's start-up time
     workers: dict = field(default_factory=dict)
+    ray_startup_s: float | None = None
     #: one entry per written batch: [seconds since start, cumulative rows, request latency s]
     timeline: list[list[float]] = field(default_factory=list)
 
@@ -148,9 +149,10 @@ class RunReport:
                          f"{'' if long['exact'] else ' (estimated)'}, {what}; "
                          f"{long['share_beyond']:.1%} of the characters lay beyond it")
         for url, s in self.servers.items():
+            latency = "" if s.get("mean_latency_s") is None else \
+                f", mean latency {s['mean_latency_s']} s"
             lines.append(f"server {url}: {s['requests']} requests, {s['texts']} texts, "
-                         f"{s['errors']} errors, set aside {s['set_aside']}x, mean latency "
-                         f"{s['mean_latency_s']} s")
+                         f"{s['errors']} errors, set aside {s['set_aside']}x{latency}")
         for name, w in self.workers.items():
             lines.append(f"worker {name}: {w['blocks']} blocks, {w['rows']} rows, "
                          f"{w['rows_per_s']:.0f} rows/s")
@@ -159,7 +161,10 @@ class RunReport:
             lines.append(f"ids with empty text (not sent): {shown}")
         if self.failures_path:
             lines.append(f"failures listed in {relative(self.failures_path)}")
-        if timings:
+        if timings and self.engine == "ray":
+            lines.append(f"wall {self.wall_s:.2f} s, {self.rows_per_s:,.0f} rows/s (Ray start-up "
+                         f"{self.ray_startup_s} s)")
+        elif timings:
             wall = self.wall_s or 1e-9
             lines.append(
                 f"wall {self.wall_s:.2f} s, {self.rows_per_s:,.0f} rows/s; server busy "

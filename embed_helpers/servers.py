@@ -63,8 +63,9 @@ class ServerPool:
     def __len__(self) -> int:
         return len(self.servers)
 
-    def acquire(self) -> Server:
-        """The server for the next request (counted in flight until `release`)."""
+    def acquire(self, count: bool = True) -> Server:
+        """The server for the next request (in flight until `release`); `count=False` for
+        requests that are not embeddings (a version, a model's facts)."""
         with self._lock:
             now = self._clock()
             ready = [s for s in self.servers if s.back_at <= now]
@@ -72,7 +73,7 @@ class ServerPool:
             server = min(ready, key=lambda s: s.in_flight) if ready \
                 else min(self.servers, key=lambda s: s.back_at)
             server.in_flight += 1
-            server.requests += 1
+            server.requests += count
             return server
 
     def release(self, server: Server, *, ok: bool, down: bool = False, texts: int = 0,

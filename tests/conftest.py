@@ -1,12 +1,10 @@
-"""Shared fixtures: a real PostgreSQL (a database of this session's own on the embedded
-server, or on DATABASE_URL's), a real loopback embedding server, settings isolated from
-the developer's .env, cache and runs folder."""
+"""Fixtures: a real PostgreSQL connection and fresh table names, fresh databases, a real
+loopback embedding server, settings isolated in tmp_path. The environment itself is
+isolated by the project's root conftest.py."""
 from __future__ import annotations
 
-import atexit
 import os
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -21,55 +19,6 @@ from embed_helpers.config import load_settings  # noqa: E402
 from embed_helpers.constants import PROJECT_ROOT  # noqa: E402
 
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
-SESSION_DIR = Path(tempfile.mkdtemp(prefix="embed-helpers-test-"))
-
-# The tests, the notebook kernel nbval starts and every CLI subprocess inherit this
-# environment: never the developer's .env, cache, runs folder or tables, and the notebook
-# on the backend its committed outputs were made with.
-os.environ["EMBED_ENV_FILE"] = ""
-os.environ["EMBEDDING_BACKEND"] = "local"
-os.environ.setdefault("EMBED_PGDATA", str(PROJECT_ROOT / ".pgdata-test"))
-os.environ["EMBED_CACHE_PATH"] = str(SESSION_DIR / "cache.jsonl")
-os.environ["EMBED_RUNS_DIR"] = str(SESSION_DIR / "runs")
-
-
-def _session_database() -> str:
-    """A database of this session's own, on the embedded server (kept running by this
-    process) or on the server DATABASE_URL names; dropped at exit. Every subprocess
-    reaches it through DATABASE_URL."""
-    from embed_helpers import db
-    from embed_helpers.pg_embedded import embedded_uri
-    base = os.environ.get("DATABASE_URL") or embedded_uri(Path(os.environ["EMBED_PGDATA"]))
-    admin = db.connect(load_settings(environ={"DATABASE_URL": base}))
-    admin.autocommit = True
-    name = f"embed_helpers_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    with admin.cursor() as cur:
-        cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'embed_helpers_test_%'")
-        for (stale,) in cur.fetchall():  # left by a killed session
-            if not _pid_alive(int(stale.split("_")[3])):
-                cur.execute(f'DROP DATABASE IF EXISTS "{stale}" WITH (FORCE)')
-        cur.execute(f'CREATE DATABASE "{name}"')
-    dsn = make_dsn(base, dbname=name)
-
-    def drop() -> None:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-    atexit.register(drop)
-    return dsn
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-os.environ["DATABASE_URL"] = _session_database()
 
 
 @pytest.fixture
@@ -125,11 +74,3 @@ def fake_server():
     from fake_server import FakeEmbeddingServer
     with FakeEmbeddingServer(dim=32, seed=0) as server:
         yield server
-
-
-def pytest_report_header(config):
-    where = "DATABASE_URL" if os.environ.get("DATABASE_URL") else \
-        f"embedded pgserver ({os.environ['EMBED_PGDATA']})"
-    shared = SHARED_DATA if SHARED_DATA.is_dir() else "absent (tests that need it are skipped)"
-    return [f"PostgreSQL: {where}, database of this session only", f"../shared data: {shared}",
-            f"cache and runs folder of this session: {SESSION_DIR}"]

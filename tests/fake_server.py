@@ -120,10 +120,19 @@ class FakeEmbeddingServer:
         return self
 
     def stop(self) -> None:
+        """Stop as a killed server would: no new connections, and the open keep-alive ones
+        are cut (a client finds its connection reset, not a server still answering)."""
         if self._thread is not None:  # shutdown() waits forever on a server never started
             self._httpd.shutdown()
             self._thread = None
         self._httpd.server_close()
+        with self._lock:
+            open_connections = list(self._httpd.connections)
+        for connection in open_connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def __enter__(self) -> "FakeEmbeddingServer":
         return self.start()
@@ -300,6 +309,10 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128
     fake: FakeEmbeddingServer
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.connections: set[socket.socket] = set()  # open ones, cut by stop()
+
     def handle_error(self, request, client_address) -> None:
         pass  # a client that timed out and hung up (slow_s) is expected, not news
 
@@ -310,9 +323,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        with self.server.fake._lock:
+            self.server.connections.add(self.connection)
         # Headers and body go out in two writes: without this, Nagle's algorithm and
         # delayed ACKs add 40 ms to every response, which would swamp the latency model.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            with self.server.fake._lock:
+                self.server.connections.discard(self.connection)
 
     def log_message(self, *args) -> None:  # quiet: tests and benchmarks read stdout
         pass

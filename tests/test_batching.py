@@ -8,25 +8,30 @@ import numpy as np
 import pytest
 from fake_server import expected_vector
 
-from embed_helpers import batching, http
-from embed_helpers.batching import BatchSizer, batch_embed, chunked, embed_resilient
+from embed_helpers import batching, http, resilient
+from embed_helpers.backends.base import Backend
+from embed_helpers.batching import batch_embed, chunked
+from embed_helpers.cache import EmbeddingCache
 from embed_helpers.config import load_settings
 from embed_helpers.errors import (BackendError, BackendUnreachable, BadInput, BatchTooLarge,
                                   EmbeddingFailures, EmbeddingValidationError)
+from embed_helpers.identity import Identity, cache_key
+from embed_helpers.resilient import BatchSizer, Dimension, embed_resilient
 
 DIM = 8
 
 
-class FakeBackend:
-    """Deterministic vectors; knobs for the failures a real server produces."""
+class FakeBackend(Backend):
+    """Deterministic vectors; knobs for the failures a real server produces. The base class
+    gives `window` (EMBED_MAX_INPUT_TOKENS or 512), `identity()`, `slots` and `route`."""
 
-    name = route = "fake"
-    model = "fake-model"
-    normalized = True
+    name = "fake"
+    model_setting = "OPENAI_EMBED_MODEL"  # any model setting: the model is set below
 
     def __init__(self, max_batch=None, poison=(), server_error=(), nan=(), dim=DIM, **settings):
-        self.settings = load_settings({"EMBED_BATCH_SIZE": 100, **settings}, environ={},
-                                      env_file=Path("/nonexistent/.env"))
+        super().__init__(load_settings({"EMBED_BATCH_SIZE": 100, **settings}, environ={},
+                                       env_file=Path("/nonexistent/.env")))
+        self.model = "fake-model"
         self.max_batch = None
         self.limit, self.poison, self.server_error, self.nan = max_batch, set(poison), set(server_error), set(nan)
         self.dim = dim
@@ -54,9 +59,6 @@ class FakeBackend:
     def stats(self):
         return {"requests": len(self.calls)}
 
-    def close(self):
-        pass
-
 
 TEXTS = [f"text {i}" for i in range(100)]
 
@@ -66,19 +68,21 @@ def want(texts):
 
 
 def test_doctests():
-    for module in (batching, http):
+    for module in (batching, http, resilient):
         assert doctest.testmod(module).failed == 0
 
 
 def test_chunked_rejects_size_zero():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="chunk size must be >= 1, got 0"):
         list(chunked([1], 0))
 
 
 def test_sizer_only_shrinks():
     sizer = BatchSizer(100)
     sizer.shrink(50)
-    sizer.shrink(80)
+    assert sizer.size == 50
+    sizer.shrink(80)  # larger than what works: ignored
+    assert sizer.size == 50
     sizer.shrink(0)
     assert sizer.size == 1
 
@@ -117,8 +121,9 @@ def test_a_dead_server_is_not_bisected_to_the_bottom():
 def test_errors_that_bisection_cannot_fix_are_raised_at_once(error):
     backend = FakeBackend()
     backend.error = error
-    with pytest.raises(type(error)):
+    with pytest.raises(type(error)) as info:
         embed_resilient(backend, TEXTS)
+    assert info.value is error
     assert len(backend.calls) == 1
 
 
@@ -165,7 +170,15 @@ def test_wrong_count_and_dimension_stop():
     with pytest.raises(EmbeddingValidationError, match="4 vectors for 5 texts"):
         embed_resilient(backend, TEXTS[:5])
     with pytest.raises(EmbeddingValidationError, match="EMBEDDING_DIM=8"):
-        embed_resilient(FakeBackend(), TEXTS[:5], expected_dim=16)
+        embed_resilient(FakeBackend(), TEXTS[:5], dimension=Dimension(16))
+
+
+def test_a_learned_dimension_binds_the_later_batches():
+    dimension = Dimension()  # no EMBEDDING_DIM: the first batch tells
+    embed_resilient(FakeBackend(), TEXTS[:5], dimension=dimension)
+    assert dimension.value == DIM
+    with pytest.raises(EmbeddingValidationError, match="16-dim and 8-dim vectors"):
+        embed_resilient(FakeBackend(dim=16), TEXTS[5:10], dimension=dimension)
 
 
 def test_rows_to_array_names_ragged_positions():
@@ -187,42 +200,66 @@ def test_batch_embed_reports_every_position_of_a_failed_text():
     backend = FakeBackend(poison={"bad"})
     result = batch_embed(["ok", "bad", "x", "bad"], backend, on_failure="return")
     assert [f.position for f in result.failures] == [1, 3]
+    assert [(f.reason, f.status) for f in result.failures] == [("poison inside", 400)] * 2
     with pytest.raises(EmbeddingFailures, match="2 of 4 texts"):
         batch_embed(["ok", "bad", "x", "bad"], backend)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="on_failure must be 'raise' or 'return'"):
         batch_embed(["ok"], backend, on_failure="ignore")
 
 
+def test_empty_texts_fail_without_being_sent():
+    backend = FakeBackend()
+    result = batch_embed(["a", "", "  \n", "b"], backend, on_failure="return")
+    assert [(f.position, f.reason) for f in result.failures] == \
+        [(1, "empty text: nothing to embed"), (2, "empty text: nothing to embed")]
+    assert backend.calls == [["a", "b"]]
+    np.testing.assert_array_equal(result.vectors[[0, 3]], want(["a", "b"]))
+    assert np.isnan(result.vectors[[1, 2]]).all()
+
+
+class MemoryCache:
+    """The store API (get_many / put_many / dims by identity), in a dict of cache keys."""
+
+    def __init__(self):
+        self.data, self.identities = {}, set()
+
+    def get_many(self, identity, texts):
+        return {t: self.data[identity.key(t)] for t in texts if identity.key(t) in self.data}
+
+    def put_many(self, identity, texts, vectors):
+        self.identities.add(identity)
+        new = [k for k in identity.keys(texts) if k not in self.data]
+        self.data.update(zip(identity.keys(texts), np.asarray(vectors)))
+        return len(new)
+
+    def dims(self, route, model, normalized):
+        return sorted({i.dim for i in self.identities
+                       if (i.route, i.model, i.normalized) == (route, model, normalized)})
+
+
 def test_batch_embed_with_a_cache_embeds_each_text_once():
-    cache_module = pytest.importorskip("embed_helpers.cache")
-
-    class MemoryCache:
-        def __init__(self):
-            self.data = {}
-
-        def get_many(self, keys):
-            return {k: self.data[k] for k in keys if k in self.data}
-
-        def put_many(self, entries, *, route, model, normalized, texts):
-            self.data.update(entries)
-
     cache, backend = MemoryCache(), FakeBackend(EMBED_BATCH_SIZE=10)
     first = batch_embed(TEXTS[:30], backend, cache=cache)
     second = batch_embed(TEXTS[:40], backend, cache=cache)
     assert len(cache.data) == 40 and first.cache_hits == 0 and second.cache_hits == 30
     assert sum(len(c) for c in backend.calls) == 40
     np.testing.assert_array_equal(second.vectors, want(TEXTS[:40]))
-    key = cache_module.cache_key("fake", "fake-model", DIM, True, TEXTS[0])
+    # The keys are the backend's identity with the dimension learned from the first batch.
+    assert cache.identities == {Identity("fake", "fake-model", DIM, True)}
+    key = cache_key("fake", "fake-model", DIM, True, TEXTS[0])
     np.testing.assert_array_equal(cache.data[key], want(TEXTS[:1])[0])
 
 
 def test_batch_embed_with_the_real_cache(tmp_path):
-    cache_module = pytest.importorskip("embed_helpers.cache")
     backend = FakeBackend(EMBED_BATCH_SIZE=16, EMBED_MAX_CONCURRENCY=2)
-    with cache_module.EmbeddingCache(tmp_path / "cache.jsonl") as cache:
+    with EmbeddingCache(tmp_path / "cache.jsonl") as cache:
         batch_embed(TEXTS[:50], backend, cache=cache)
     backend.calls.clear()
-    with cache_module.EmbeddingCache(tmp_path / "cache.jsonl") as cache:
+    with EmbeddingCache(tmp_path / "cache.jsonl") as cache:
+        assert cache.dims("fake", "fake-model", True) == [DIM]
         result = batch_embed(TEXTS, backend, cache=cache)
+        found = cache.get_many(Identity("fake", "fake-model", DIM, True), TEXTS)
     assert result.cache_hits == 50 and sorted(t for c in backend.calls for t in c) == sorted(TEXTS[50:])
     np.testing.assert_array_equal(result.vectors, want(TEXTS))
+    assert sorted(found) == sorted(TEXTS)
+    np.testing.assert_array_equal(np.stack([found[t] for t in TEXTS]), want(TEXTS))

@@ -1,4 +1,5 @@
-"""The cache doctor: one test per verdict, the report, and `cache_stats`."""
+"""The cache doctor on the JSONL store: one test per verdict, the report, `cache_stats`.
+(The same verdicts on the PostgreSQL store: tests/test_cache_pg.py.)"""
 from __future__ import annotations
 
 import unicodedata
@@ -7,7 +8,9 @@ import numpy as np
 import pytest
 
 from embed_helpers import cache_doctor as doctor
-from embed_helpers.cache import EmbeddingCache, cache_key
+from embed_helpers.cache import EmbeddingCache
+from embed_helpers.cache_tools import cache_stats, format_stats, open_cache
+from embed_helpers.identity import Identity
 
 ROUTE, MODEL, DIM = "ollama:/api/embed", "nomic-embed-text", 8
 WANTED = {"route": ROUTE, "model": MODEL, "dim": DIM, "normalized": True}
@@ -15,9 +18,7 @@ WANTED = {"route": ROUTE, "model": MODEL, "dim": DIM, "normalized": True}
 
 def put(path, texts, route=ROUTE, model=MODEL, dim=DIM, normalized=True):
     cache = EmbeddingCache(path)
-    cache.put_many([(cache_key(route, model, dim, normalized, t), np.ones(dim, "f4"))
-                    for t in texts], route=route, model=model, normalized=normalized,
-                   texts=texts)
+    cache.put_many(Identity(route, model, dim, normalized), texts, np.ones((len(texts), dim)))
     cache.close()
 
 
@@ -33,9 +34,15 @@ def nowhere(tmp_path):
     return [tmp_path / "empty"]
 
 
+def store(path):
+    """The store as the doctor opens it: read-only, so a missing file stays missing."""
+    return EmbeddingCache(path, read_only=True)
+
+
 def check(text, path, roots, **wanted):
-    diagnosis = doctor.diagnose(text, path=path, search_roots=roots, **{**WANTED, **wanted})
-    assert len(diagnosis.verdicts) == 1
+    identity = Identity(**{**WANTED, **wanted})
+    diagnosis = doctor.diagnose(text, identity=identity, store=store(path), search_roots=roots)
+    assert len(diagnosis.verdicts) == 1 and diagnosis.wanted == identity
     return diagnosis, diagnosis.verdicts[0]
 
 
@@ -44,6 +51,7 @@ def test_hit(path, nowhere):
     diagnosis, verdict = check("Patient: female, 45", path, nowhere)
     assert verdict.kind == doctor.HIT
     assert (diagnosis.file_state, diagnosis.entries) == ("ok", 1)
+    assert diagnosis.path == f"JSONL file {path}"  # describe(): absolute outside the project
     # dim unknown (not probed yet): route, model and normalisation decide.
     assert check("Patient: female, 45", path, nowhere, dim=None)[1].kind == doctor.HIT
 
@@ -102,7 +110,8 @@ def test_text_cached_in_another_file(tmp_path, path):
     put(path, ["something else"])
     diagnosis, verdict = check("only there", path, [tmp_path / "project"])
     assert verdict.kind == doctor.ELSEWHERE and str(other) in verdict.detail
-    assert diagnosis.other_caches == {other: 1}
+    # Keyed by the path as printed (relative to the project root when inside it).
+    assert {str(p): n for p, n in diagnosis.other_caches.items()} == {str(other): 1}
     # Missing file: the same answer, since the text is found elsewhere.
     path.unlink()
     assert check("only there", path, [tmp_path / "project"])[1].kind == doctor.ELSEWHERE
@@ -112,11 +121,16 @@ def test_sample_and_report(path, nowhere):
     put(path, [f"text {i}" for i in range(0, 100, 2)])
     put(path, [f"text {i}" for i in range(1, 100, 2)], model="all-minilm")
     texts = [f"text {i}" for i in range(100)] * 2
-    diagnosis = doctor.diagnose(texts, path=path, search_roots=nowhere, **WANTED)
+    diagnosis = doctor.diagnose(texts, identity=Identity(**WANTED), store=store(path),
+                                search_roots=nowhere)
     assert len(diagnosis.verdicts) == doctor.DOCTOR_SAMPLE
     assert diagnosis.counts() == {doctor.HIT: 10, doctor.OTHER_SETTINGS: 10}
     report = diagnosis.report(limit=3)
-    assert f"cache file: {path} (100 entries, 0 bad lines)" in report
+    # The first two lines changed on purpose: the store as described, then the identity.
+    assert report.splitlines()[:2] == [
+        f"cache: JSONL file {path} (100 entries, 0 bad lines)",
+        "looking for: route 'ollama:/api/embed', model 'nomic-embed-text', dim 8, "
+        "normalized True"]
     assert "20 texts checked: 10 hit, 10 other_settings" in report
     assert "... and 17 more" in report
     assert doctor.ADVICE[doctor.OTHER_SETTINGS] in report and str(diagnosis) == \
@@ -128,29 +142,35 @@ def test_cache_stats(path):
     put(path, ["a"], model="all-minilm", dim=4)
     content = path.read_bytes()
     path.write_bytes(content + content.splitlines(keepends=True)[0] + b"torn")
-    stats = doctor.cache_stats(path)
+    stats = cache_stats(path)
     assert (stats["lines"], stats["entries"], stats["duplicates"], stats["bad_lines"]) == \
         (5, 3, 1, 1)
     assert stats["by_settings"] == [
         {"route": ROUTE, "model": MODEL, "dim": DIM, "normalized": True, "entries": 2},
         {"route": ROUTE, "model": "all-minilm", "dim": 4, "normalized": True, "entries": 1}]
     assert stats["oldest"] <= stats["newest"] and stats["bytes"] == path.stat().st_size
-    text = doctor.format_stats(stats)
+    text = format_stats(stats)
+    assert text.splitlines()[0] == f"cache: {path} (0.0 MB)"  # changed on purpose: "cache:"
     assert "entries: 3  duplicates: 1  bad lines: 1" in text and "'all-minilm'" in text
-    missing = doctor.cache_stats(path.with_name("none.jsonl"))
-    assert missing["exists"] is False and "(missing)" in doctor.format_stats(missing)
+    missing = cache_stats(path.with_name("none.jsonl"))
+    assert missing["exists"] is False and "(missing)" in format_stats(missing)
 
 
-def test_doctor_report_from_settings(path, nowhere, make_settings):
+def test_doctor_report(path, nowhere, make_settings):
     put(path, ["a", "b"], route="ollama:/api/embed", model="nomic-embed-text", dim=DIM)
-    settings = make_settings(EMBEDDING_BACKEND="ollama", OLLAMA_EMBED_MODEL="mxbai-embed-large")
-    report = doctor.doctor_report(settings, path=path, search_roots=nowhere)
+    # The store EMBED_CACHE_PATH names; the identity is no longer read from settings.
+    cache = open_cache(make_settings(EMBED_CACHE_PATH=path))
+    yours = Identity(ROUTE, "mxbai-embed-large", None, True)
+    report = doctor.doctor_report(cache, yours, search_roots=nowhere)
     assert "0 of 2 entries were made with your settings" in report
     assert "model='nomic-embed-text'" in report
-    report = doctor.doctor_report(settings, texts=["a"], path=path, search_roots=nowhere)
+    assert f"your settings: {yours.describe()}" in report
+    report = doctor.doctor_report(cache, yours, texts=["a"], search_roots=nowhere)
     assert "[other_settings] 'a': cached with model 'nomic-embed-text' " \
            "(you: 'mxbai-embed-large')" in report
-    same = make_settings(EMBEDDING_BACKEND="ollama", OLLAMA_EMBED_MODEL="nomic-embed-text")
-    assert "2 of 2 entries" in doctor.doctor_report(same, path=path, search_roots=nowhere)
-    missing = doctor.doctor_report(same, path=path.with_name("x.jsonl"), search_roots=nowhere)
+    same = Identity(ROUTE, "nomic-embed-text", None, True)
+    assert "2 of 2 entries" in doctor.doctor_report(cache, same, search_roots=nowhere)
+    assert "0 of 2 entries" in doctor.doctor_report(cache, same.with_dim(16),
+                                                    search_roots=nowhere)
+    missing = doctor.doctor_report(store(path.with_name("x.jsonl")), same, search_roots=nowhere)
     assert doctor.ADVICE[doctor.CACHE_MISSING] in missing

@@ -1,9 +1,11 @@
 """Steps 3-5 on the bundled sample (and on the full shared data when it is beside the project)."""
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from embed_helpers import csv_rows
 from embed_helpers.constants import PROJECT_ROOT, SAMPLE_DIR
 from embed_helpers.data import (build_contexts, clean_synthea, label, load_input, load_synthea,
                                 load_table)
@@ -166,10 +168,64 @@ def test_load_table_reads_ids_as_strings_and_rows_as_they_are(tmp_path):
     path.write_text("id,extra,text\n007,x,first\nNA,y,second\n9,z,\n007,w,again\n ,v,no id\n")
     df = load_table(path, "id", "text")
     assert list(df.columns) == ["id", "text"]
-    # leading zeros kept, "NA" is an id; empty texts and repeats are left to plan.prepare_input
+    # leading zeros kept, "NA" is an id; empty texts and repeats are left to core.prepare
     assert list(df["id"][:4]) == ["007", "NA", "9", "007"] and pd.isna(df["id"][4])
     assert list(df["text"]) == ["first", "second", "", "again", "no id"]
     assert list(load_table(path, "id", "text", limit=2)["id"]) == ["007", "NA"]
+
+
+UNTERMINATED = 'id,text\n1,"unterminated text\n2,second row\n'
+
+
+def test_unterminated_quote_stops_naming_its_line_instead_of_swallowing_rows(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text(UNTERMINATED)
+    for read in (lambda: load_table(path, "id", "text"),
+                 lambda: csv_rows.read_csv_columns(path, "id", "text")):
+        with pytest.raises(DataError) as exc:
+            read()
+        message = str(exc.value)
+        assert "line 2:" in message and "unterminated" in message
+        assert "No row was ingested" in message
+
+
+def test_a_quote_closed_later_is_one_multi_line_text(tmp_path):
+    path = tmp_path / "ok.csv"
+    path.write_text('id,text\n1,"two\nlines"\n2,second row\n')
+    assert csv_rows.read_csv_columns(path, "id", "text") == \
+        {"id": ["1", "2"], "text": ["two\nlines", "second row"]}
+
+
+def test_iter_csv_columns_blocks_carry_their_first_row_number(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("id,text\n" + "".join(f"{i},text {i}\n" + ("\n" if i == 3 else "")
+                                           for i in range(25)))  # a blank line is no row
+    blocks = list(csv_rows.iter_csv_columns(path, "id", "text", block=10))
+    assert [(first, len(ids)) for ids, _texts, first in blocks] == [(0, 10), (10, 10), (20, 5)]
+    for ids, texts, first in blocks:
+        assert ids[0] == str(first) and texts[-1] == f"text {first + len(ids) - 1}"
+    limited = list(csv_rows.iter_csv_columns(path, "id", "text", block=10, limit=15))
+    assert [(first, len(ids)) for ids, _texts, first in limited] == [(0, 10), (10, 5)]
+
+
+def test_contexts_when_no_care_plan_has_a_reason(raw, contexts, tmp_path):
+    """With pyarrow, pandas gives an all-missing reason column a float dtype: texts are
+    built row by row, so plans are listed without "(for ...)"."""
+    cleaned = clean_synthea(raw)
+    plans = cleaned["careplans"].assign(REASONDESCRIPTION=np.nan)
+    assert plans["REASONDESCRIPTION"].dtype == np.float64
+    texts = build_contexts({**cleaned, "careplans": plans})
+    assert len(texts) == 100 and not texts["context_text"].str.contains("(for ", regex=False).any()
+    listed = [section(t, "Active care plans") for t in texts["context_text"]]
+    assert any(items != ["none recorded"] for items in listed)
+    # the same from the files: a Synthea export whose reason column is empty
+    folder = tmp_path / "synthea"
+    shutil.copytree(SYNTHEA, folder)
+    csv = pd.read_csv(folder / "careplans.csv", dtype=str)
+    csv.assign(REASONDESCRIPTION="", REASONCODE="").to_csv(folder / "careplans.csv", index=False)
+    df, _, _ = load_input(folder)
+    pd.testing.assert_series_equal(df["context_text"], texts["context_text"])
+    assert (df["context_text"] != contexts["context_text"]).any()  # reasons were shown before
 
 
 def test_load_synthea_missing_file(tmp_path):

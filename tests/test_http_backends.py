@@ -1,60 +1,35 @@
 """The HTTP backends against a real loopback server that speaks both protocols.
 
 Sleeps are injected and recorded, so retry tests run instantly and can assert
-the delays; request counts come from the server's own counters.
+the delays; request counts come from the server's own counters. What is new in the
+refactor (wire bodies, base64, Ollama versions, windows) is in test_http_wire.py, token
+budgets and long texts in test_http_budgets.py, several servers in test_servers.py.
 """
 import asyncio
 import logging
 import math
-import socket
-from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from fake_server import EMBED, LEGACY, OPENAI, FakeEmbeddingServer, expected_vector
+from fake_server import EMBED, LEGACY, FakeEmbeddingServer
+from http_helpers import DIM, ROUTE, Sleeps, closed_port_url, expected, make_backend, settings_for
 
 from embed_helpers.backends import get_backend
 from embed_helpers.backends.llm_api import OpenAIBackend
 from embed_helpers.backends.ollama import OllamaBackend
 from embed_helpers.batching import abatch_embed, batch_embed
-from embed_helpers.config import load_settings
 from embed_helpers.errors import (AuthenticationError, BackendError, BackendUnreachable,
                                   EmbeddingFailures, EmbeddingValidationError, ModelNotFound)
 
-DIM = 32
 KEY = "sk-test-abcdefghijklmnop123456"
 TEXTS = [f"patient {i}: note about visit {i % 37}" for i in range(1000)]
-ROUTE = {"llm_api": OPENAI, "ollama": EMBED}
-
-
-class Sleeps(list):
-    """An injected sleep that only records."""
-
-    def __call__(self, seconds: float) -> None:
-        self.append(seconds)
 
 
 @pytest.fixture
 def server():
     with FakeEmbeddingServer(DIM, seed=0) as fake:
         yield fake
-
-
-def settings_for(server, backend="llm_api", **overrides):
-    values = dict(EMBEDDING_BACKEND=backend, OPENAI_BASE_URL=server.openai_url,
-                  OLLAMA_HOST=server.url, EMBED_BATCH_SIZE=100, EMBED_BACKOFF_MS=1,
-                  EMBEDDING_TIMEOUT=5)
-    values.update(overrides)
-    return load_settings(values, environ={}, env_file=Path("/nonexistent/.env"))
-
-
-def make_backend(server, backend="llm_api", sleep=None, **overrides):
-    cls = OpenAIBackend if backend == "llm_api" else OllamaBackend
-    return cls(settings_for(server, backend, **overrides), sleep=Sleeps() if sleep is None else sleep)
-
-
-def expected(texts, normalized=True):
-    return np.stack([expected_vector(t, DIM, normalized) for t in texts])
 
 
 @pytest.mark.parametrize("name", ["llm_api", "ollama"])
@@ -70,15 +45,22 @@ def test_1000_texts_at_batch_100_cost_10_requests_in_order(server, name, concurr
 
 
 def test_base64_encoding_gives_the_same_vectors(server):
-    with make_backend(server, EMBED_ENCODING="base64") as backend:
+    # base64 is now the default (EMBED_ENCODING); floats are still asked for when set.
+    with make_backend(server) as backend:
         vectors = backend.embed_batch(TEXTS[:10])
-    assert vectors.dtype == np.float32
+    with make_backend(server, EMBED_ENCODING="float") as backend:
+        floats = backend.embed_batch(TEXTS[:10])
+    assert [b["encoding_format"] for b in server.bodies] == ["base64", "float"]
+    assert vectors.dtype == floats.dtype == np.float32
     np.testing.assert_array_equal(vectors, expected(TEXTS[:10]))
+    np.testing.assert_array_equal(floats, expected(TEXTS[:10]))
 
 
 @pytest.mark.parametrize("name", ["llm_api", "ollama"])
 def test_429s_and_5xx_all_vectors_and_no_retry_before_retry_after(server, name):
-    server.rate_429, server.rate_5xx, server.retry_after_s = 0.2, 0.1, 2
+    # Faults are drawn from a hash of each request body; base64 (the new default) changed
+    # llm_api's bodies, so the 5xx rate is raised to keep both kinds of fault in the run.
+    server.rate_429, server.rate_5xx, server.retry_after_s = 0.2, 0.2, 2
     sleeps = Sleeps()
     with make_backend(server, name, sleeps, EMBED_MAX_CONCURRENCY=4,
                       EMBED_MAX_RETRIES=8) as backend:
@@ -111,7 +93,8 @@ def test_three_poison_texts_reported_exactly_997_returned(server, name):
     with make_backend(server, name) as backend:
         result = batch_embed(TEXTS, backend, on_failure="return")
     assert [f.position for f in result.failures] == bad_positions
-    assert all(f.status == 400 and "forbidden content" in f.reason for f in result.failures)
+    assert all("forbidden content" in f.reason for f in result.failures)
+    assert [f.status for f in result.failures] == [400] * 3
     assert result.failures[0].preview == TEXTS[17]
     good = [i for i in range(1000) if i not in bad_positions]
     np.testing.assert_array_equal(result.vectors[good], expected([TEXTS[i] for i in good]))
@@ -123,16 +106,24 @@ def test_three_poison_texts_reported_exactly_997_returned(server, name):
     assert [f.position for f in info.value.failures] == [17]
 
 
-def test_legacy_only_ollama_falls_back_once(server, caplog):
-    server.legacy_only = True
+@pytest.mark.parametrize("how", ["batch_embed", "embed_batch"])
+def test_legacy_only_ollama_falls_back_once(server, caplog, how):
+    server.legacy_only = True  # /api/embed answers 404, /api/version says 0.2.8
     texts = TEXTS[:50]
     with caplog.at_level(logging.INFO), \
             make_backend(server, "ollama", EMBED_MAX_CONCURRENCY=4) as backend:
         assert backend.route == "ollama:/api/embed" and backend.normalized
-        result = batch_embed(texts, backend, on_failure="raise")
+        if how == "batch_embed":
+            vectors = batch_embed(texts, backend, on_failure="raise").vectors
+        else:  # no identity() first: the 404 of the first /api/embed request decides
+            vectors = np.concatenate([backend.embed_batch(texts[:25]),
+                                      backend.embed_batch(texts[25:])])
         assert backend.route == "ollama:/api/embeddings" and not backend.normalized
-    np.testing.assert_array_equal(result.vectors, expected(texts, normalized=False))
-    assert server.counts[EMBED]["requests"] == 1
+    np.testing.assert_array_equal(vectors, expected(texts, normalized=False))
+    # Changed on purpose: batch_embed learns the route from /api/version (in identity(),
+    # before any cache lookup), so it sends no /api/embed request at all; a bare
+    # embed_batch still pays exactly one 404.
+    assert server.counts[EMBED]["requests"] == (0 if how == "batch_embed" else 1)
     assert server.counts[LEGACY] == {"requests": 50, "texts": 50}
     fallback_lines = [r for r in caplog.records if "/api/embeddings" in r.getMessage()]
     assert len(fallback_lines) == 1 and "older than 0.3" in fallback_lines[0].getMessage()
@@ -202,17 +193,12 @@ def test_empty_vectors_stop(server):
 
 
 def test_unreachable_server_says_what_to_check():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again below: nothing listens there
-    fake = FakeEmbeddingServer(DIM)  # never started: only its settings are borrowed
-    fake.url = f"http://127.0.0.1:{port}"
+    nowhere = SimpleNamespace(url=closed_port_url())  # nothing listens there
     sleeps = Sleeps()
-    with make_backend(fake, "ollama", sleeps, EMBED_MAX_RETRIES=2) as backend, \
+    with make_backend(nowhere, "ollama", sleeps, EMBED_MAX_RETRIES=2) as backend, \
             pytest.raises(BackendUnreachable) as info:
         batch_embed(["a"], backend)
-    fake.stop()
-    assert f"Cannot reach Ollama at http://127.0.0.1:{port}" in str(info.value)
+    assert f"Cannot reach Ollama at {nowhere.url}" in str(info.value)
     assert "Is `ollama serve` running? Is OLLAMA_HOST right?" in str(info.value)
     assert len(sleeps) == 2
 

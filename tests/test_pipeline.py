@@ -11,22 +11,22 @@ from fake_server import expected_vector
 
 from embed_helpers import db
 from embed_helpers.backends import get_backend
+from embed_helpers.core import Target
 from embed_helpers.workflow import ingest, open_cache, plan_ingest
 
 DIM = 32
 
 
 @pytest.fixture
-def run(fake_server, make_settings, conn, table, tmp_path):
+def run(fake_server, make_settings, conn, table):
     """ingest(df) against the fake Ollama server; returns the report."""
     def go(df, **overrides):
         values = dict(EMBEDDING_BACKEND="ollama", OLLAMA_HOST=fake_server.url, EMBED_BATCH_SIZE=10)
         values.update(overrides)
         settings = make_settings(**values)
         with get_backend(settings) as backend:
-            return ingest(df, id_col="id", text_col="text", table=table, settings=settings,
-                          conn=conn, backend=backend, cache=open_cache(settings), progress=False,
-                          failures_dir=tmp_path / "runs")
+            return ingest(df, Target(table, "id", "text"), settings=settings, conn=conn,
+                          backend=backend, cache=open_cache(settings), progress=False)
     return go
 
 
@@ -45,9 +45,10 @@ def stored(conn, table):
 
 def test_cold_run_batches_and_stores_aligned_vectors(run, fake_server, conn, table):
     report = run(frame(95))
-    # one probe for the dimension, then ceil(95 / 10) batches
-    assert fake_server.total_requests() == 1 + 10
-    assert fake_server.total_texts() == 1 + 95
+    # ceil(95 / 10) batches; no probe: the first batch tells the dimension
+    assert fake_server.total_requests() == 10
+    assert fake_server.total_texts() == 95
+    assert report.dim == DIM
     assert report.rows_written == 95 and report.texts_embedded == 95 and report.requests == 10
     for row_id, text, vector in stored(conn, table):
         assert np.array_equal(vector.to_numpy(), expected_vector(text, DIM))
@@ -85,7 +86,7 @@ def test_identical_texts_are_embedded_once(run, fake_server, conn, table):
     df = pd.DataFrame({"id": [f"d{i}" for i in range(30)], "text": ["same text"] * 30})
     report = run(df)
     assert report.texts_embedded == 1 and report.rows_written == 30
-    assert fake_server.total_texts() == 1 + 1
+    assert fake_server.total_texts() == 1
 
 
 def test_duplicate_ids_last_wins_before_postgres_sees_them(run, conn, table):
@@ -100,7 +101,8 @@ def test_empty_texts_are_never_sent_and_are_listed(run, fake_server, conn, table
                        "text": ["real text", None, "", " \n\t "]})
     report = run(df)
     assert report.rows_empty == 3 and set(report.empty_ids) == {"none", "blank", "spaces"}
-    assert fake_server.total_texts() == 1 + 1
+    assert fake_server.total_texts() == 1
+    assert [b["input"] for b in fake_server.bodies] == [["real text"]]
     assert [r[0] for r in stored(conn, table)] == ["ok"]
 
 
@@ -169,16 +171,17 @@ def test_plan_counts_against_a_known_data_set(fake_server, make_settings, conn, 
                              EMBED_BATCH_SIZE=5, EMBED_EXPECTED_TEXTS_PER_S=4, GPU_HOURLY_USD=3.6)
     fake_server.reset()
     with get_backend(settings) as backend:
-        plan = plan_ingest(df, id_col="id", text_col="text", table=table, settings=settings,
-                           conn=conn, backend=backend, cache=open_cache(settings), dim=DIM)
+        plan = plan_ingest(df, Target(table, "id", "text"), settings=settings, conn=conn,
+                           backend=backend, cache=open_cache(settings), dim=DIM)
     figures = dict(plan.as_rows())
     assert figures["rows read"] == 44
     assert figures["rows with empty text (skipped)"] == 1
     assert figures["duplicate ids (last wins)"] == 1
     assert figures["rows already stored unchanged"] == 30
+    assert figures["texts over the 2046-token window (estimated)"] == 0
     assert figures["texts to embed"] == 12
     assert figures["requests at batch size 5"] == 3
-    assert figures["estimated embedding time (s)"] == 3.0
+    assert figures["estimated embedding time"] == "3.0 s"
     assert figures["estimated cost at $3.6/h"] == "$0.0030"
     assert fake_server.total_requests() == 0  # planning costs nothing
 
@@ -195,9 +198,8 @@ def test_plan_probe_times_one_batch_and_keeps_its_vectors(fake_server, make_sett
     fake_server.poison = {"abstract number 3"}
     db.create_table(conn, table, "id", "text", DIM)
     with get_backend(settings) as backend:
-        plan = plan_ingest(frame(25), id_col="id", text_col="text", table=table,
-                           settings=settings, conn=conn, backend=backend,
-                           cache=open_cache(settings), dim=DIM, probe=True)
+        plan = plan_ingest(frame(25), Target(table, "id", "text"), settings=settings, conn=conn,
+                           backend=backend, cache=open_cache(settings), dim=DIM, probe=True)
     assert plan.texts_per_s and plan.est_cost_usd is not None
     assert len(plan.cached) == 9 and len(plan.to_embed) == 16  # the poison text stays to embed
     fake_server.reset()
@@ -207,7 +209,7 @@ def test_plan_probe_times_one_batch_and_keeps_its_vectors(fake_server, make_sett
 
 def test_legacy_ollama_vectors_are_keyed_by_the_legacy_route(run, fake_server, conn, table):
     fake_server.legacy_only = True
-    report = run(frame(6), EMBEDDING_DIM=DIM)  # no probe: the first batch finds the old server
+    report = run(frame(6), EMBEDDING_DIM=DIM)
     assert report.rows_written == 6
     vectors = {r[0]: r[2].to_numpy() for r in stored(conn, table)}
     assert np.allclose(vectors["r1"], expected_vector("abstract number 1", DIM, normalized=False))

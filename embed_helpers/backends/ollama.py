@@ -86,9 +86,11 @@ class OllamaBackend(RemoteBackend):
         without the route) leaves it to the first /api/embed request."""
         if not self._resolved:
             body = self.http.get_json(VERSION_PATH)
-            version = parse_version(body.get("version") if isinstance(body, dict) else None)
+            said = body.get("version") if isinstance(body, dict) else None
+            version = parse_version(said)
             if version is not None and version < FIRST_BATCHING_VERSION:
-                self._switch_to_legacy(BackendError(f"version {'.'.join(map(str, version))}"))
+                self._switch_to_legacy(BackendError(f"version {said}", backend=self.name,
+                                                    server_message=f"/api/version says {said}"))
             self._resolved = True
         return super().identity(dim)
 

@@ -1,0 +1,250 @@
+"""The Ray engine on 1, 2 and 4 servers against the local engine on one; and a written model
+of where the limit lies at 8, 32 and 128 GPUs, with this machine's write rates.
+
+    .venv/bin/python bench/scale.py            # 40,000 texts (about 4 minutes)
+    .venv/bin/python bench/scale.py --quick    # 4,000 texts (about a minute)
+
+Servers: the fake server's `ollama-gpu` profile (12 ms/request + 1.5 ms/text, one slot),
+32-dim vectors (small: the fakes' JSON encoding must not stand in for GPU time), each in a
+process of its own. Runs: EMBED_BATCH_SIZE=512, EMBED_MAX_CONCURRENCY=2; Ray with
+EMBED_WORKERS=K on K servers (`engine_ray.ingest_ray` on the CSV file, as `ingest --engine
+ray` does), the local engine (`workflow.ingest`) on one server. One local Ray is started
+here and reused by every run. Servers, database and state: see bench/common.py.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import json
+import os
+import time
+
+import numpy as np
+
+from common import (Workspace, busy_shares, busy_window, print_header, print_table,
+                    start_servers, synthetic_texts)
+
+from embed_helpers import db, workflow
+from embed_helpers.backends import get_backend
+from embed_helpers.cache_pg import TABLE as CACHE_TABLE, PostgresCache
+from embed_helpers.cache_tools import open_cache
+from embed_helpers.core import Target
+from embed_helpers.identity import Identity
+
+DIM, BATCH, PER_SERVER = 32, 512, 2
+TARGETS = {2: 1.8, 4: 3.2}       # speedup over the local engine on one server, at least
+GPU_RATE = (1000, 3000)          # texts/s per A100, nomic-embed-text class, ~300-token texts
+
+
+def run_settings(ws: Workspace, servers, engine: str, workers: int | None = None):
+    extra = dict(EMBED_WORKERS=workers, EMBED_CACHE_BACKEND="postgres") if engine == "ray" else {}
+    return ws.settings(f"{engine}.jsonl", EMBEDDING_BACKEND="ollama", EMBED_ENGINE=engine,
+                       OLLAMA_HOST=",".join(s.url for s in servers), EMBED_BATCH_SIZE=BATCH,
+                       EMBED_MAX_CONCURRENCY=PER_SERVER, **extra)
+
+
+def ingest_once(ws: Workspace, servers, engine: str, source, target: Target):
+    """One run; returns (report, seconds)."""
+    settings = run_settings(ws, servers, engine, len(servers))
+    start = time.perf_counter()
+    if engine == "ray":
+        from embed_helpers.engine_ray import ingest_ray
+        report = ingest_ray(source, target, settings=settings, progress=False)
+    else:
+        with get_backend(settings) as backend, open_cache(settings) as cache:
+            report = workflow.ingest(source, target, settings=settings, conn=ws.conn,
+                                     backend=backend, cache=cache, progress=False)
+    return report, time.perf_counter() - start
+
+
+def measure(ws: Workspace, servers, engine: str, source, n: int, base: dict) -> list:
+    target = Target(f"bench_scale_{engine}_{len(servers)}", "id", "text")
+    ws.drop(target.table)
+    with ws.conn.cursor() as cur:  # the PostgreSQL cache of this benchmark's database
+        cur.execute(f"DROP TABLE IF EXISTS {CACHE_TABLE}")
+    ws.conn.commit()
+    (ws.tmp / f"{engine}.jsonl").unlink(missing_ok=True)
+    for s in servers:
+        s.reset()
+    report, wall = ingest_once(ws, servers, engine, source, target)
+    spans = [s.busy() for s in servers]
+    requests = [s.counts()["requests"] for s in servers]
+    start, end = busy_window(spans)
+    phase = end - start
+    stored = db.count_rows(ws.conn, target.table)["rows"]
+    for s in servers:
+        s.reset()
+    rerun, rerun_wall = ingest_once(ws, servers, engine, source, target)
+    rerun_sent = sum(s.counts()["requests"] for s in servers)
+    ws.drop(target.table)
+    if engine == "local":
+        base["phase"] = phase
+    speedup = base["phase"] / phase
+    target_text = ""
+    if engine == "ray" and len(servers) in TARGETS:
+        goal = TARGETS[len(servers)]
+        target_text = f">= {goal}x: {'met' if speedup >= goal else 'MISSED'}"
+    workers = " / ".join(str(w["rows"]) for w in report.workers.values()) if report.workers else ""
+    return [engine, len(servers), len(report.workers) or "", f"{stored:,} of {n:,}",
+            f"{wall:.1f}", f"{phase:.1f}", f"{n / phase:,.0f}", f"{speedup:.2f}x", target_text,
+            " / ".join(f"{b:.0%}" for b in busy_shares(spans)), " / ".join(map(str, requests)),
+            workers, "" if report.ray_startup_s is None else f"{report.ray_startup_s:.2f}",
+            f"{rerun_sent} ({rerun.requests} in report), {rerun_wall:.1f} s"]
+
+
+def copy_rate(ws: Workspace, n: int) -> tuple[float, float]:
+    """Rows/s of db.write_rows on 768-dim vectors in blocks of 2,048 rows (a Ray block):
+    binary COPY into a new table, then the same rows again (staged upsert)."""
+    table = "bench_scale_copy"
+    ws.drop(table)
+    db.create_table(ws.conn, table, "id", "text", 768)
+    rng = np.random.default_rng(0)
+    ids = [f"c{i}" for i in range(n)]
+    texts = synthetic_texts(n)
+    vectors = rng.standard_normal((n, 768)).astype(np.float32)
+    rates = []
+    for assume_new in (True, False):
+        start = time.perf_counter()
+        for lo in range(0, n, 2048):
+            db.write_rows(ws.conn, table, "id", "text", ids[lo:lo + 2048], texts[lo:lo + 2048],
+                          vectors[lo:lo + 2048], assume_new=assume_new)
+        rates.append(n / (time.perf_counter() - start))
+    ws.drop(table)
+    return rates[0], rates[1]
+
+
+def cache_rate(ws: Workspace, n: int) -> float:
+    """Rows/s of PostgresCache.put_many (one INSERT ... ON CONFLICT per batch of 512)."""
+    identity = Identity("ollama:/api/embed", "nomic-embed-text", 768, True)
+    texts = synthetic_texts(n, prefix="cache ")
+    vectors = np.random.default_rng(1).standard_normal((n, 768)).astype(np.float32)
+    with PostgresCache(ws.settings()) as cache:
+        start = time.perf_counter()
+        for lo in range(0, n, BATCH):
+            cache.put_many(identity, texts[lo:lo + BATCH], vectors[lo:lo + BATCH])
+        seconds = time.perf_counter() - start
+    with ws.conn.cursor() as cur:
+        cur.execute(f"DROP TABLE IF EXISTS {CACHE_TABLE}")
+    ws.conn.commit()
+    return n / seconds
+
+
+def decode_rates() -> dict:
+    """Texts/s one core decodes from a 512 x 768 answer: Ollama's JSON floats (as the fake
+    server writes them) and OpenAI's base64; and the bytes per vector of each."""
+    vectors = np.random.default_rng(2).standard_normal((BATCH, 768)).astype(np.float32)
+    floats = json.dumps({"embeddings": vectors.tolist()})
+    b64 = json.dumps({"data": [{"index": i, "embedding": base64.b64encode(v.tobytes()).decode()}
+                               for i, v in enumerate(vectors)]})
+    out = {"json_bytes": len(floats) / BATCH, "b64_bytes": len(b64) / BATCH}
+    for name, body, decode in (
+            ("json", floats, lambda b: np.asarray(json.loads(b)["embeddings"], dtype=np.float32)),
+            ("b64", b64, lambda b: np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4")
+                                             for d in json.loads(b)["data"]]))):
+        start, rounds = time.perf_counter(), 0
+        while time.perf_counter() - start < 1.0:
+            decode(body)
+            rounds += 1
+        out[name] = rounds * BATCH / (time.perf_counter() - start)
+    return out
+
+
+def model(copy_new: float, copy_upsert: float, cache_put: float, dec: dict) -> None:
+    """Where the limit lies at 8, 32 and 128 GPUs: arithmetic with the figures above."""
+    lo, hi = GPU_RATE
+    print(f"""### Where the limit lies at 8, 32 and 128 GPUs (a model, with arithmetic)
+
+Assumptions: a nomic-embed-text-class model (137M parameters, 768 dims) embeds {lo:,}-{hi:,}
+texts/s of ~300 tokens per A100 (fp16, large batches); one Ray worker per GPU. Measured on
+this machine (noisy, {os.cpu_count()} cores): binary COPY {copy_new:,.0f} rows/s per connection
+(new rows; {copy_upsert:,.0f} rows/s staged upsert), elsewhere measured at 25,000-47,000 rows/s
+per connection; the PostgreSQL cache's put_many {cache_put:,.0f} rows/s per connection; one core
+decodes {dec['json']:,.0f} texts/s of JSON floats ({dec['json_bytes'] / 1000:.1f} KB per vector as
+the fake writes them) or {dec['b64']:,.0f} texts/s of base64 ({dec['b64_bytes'] / 1000:.1f} KB);
+a 768-dim float32 vector is 3.1 KB.
+""")
+    rows = []
+    for gpus in (8, 32, 128):
+        need = (gpus * lo, gpus * hi)
+        rows.append([gpus, f"{need[0]:,}-{need[1]:,}",
+                     f"{need[0] / copy_new:.1f}-{need[1] / copy_new:.1f}",
+                     f"{need[0] / cache_put:.1f}-{need[1] / cache_put:.1f}",
+                     f"{2 * need[0] * 3.1 / 1e3:,.0f}-{2 * need[1] * 3.1 / 1e3:,.0f}",
+                     f"{need[0] * dec['b64_bytes'] * 8 / 1e9:.1f}-{need[1] * dec['b64_bytes'] * 8 / 1e9:.1f}",
+                     f"{need[0] * dec['json_bytes'] * 8 / 1e9:.1f}-{need[1] * dec['json_bytes'] * 8 / 1e9:.1f}",
+                     f"{need[0] / dec['json']:.0f}-{need[1] / dec['json']:.0f}"])
+    print_table(["GPUs", "texts/s", "table: connections at the COPY rate here",
+                 "cache: connections at the put rate here", "vectors into PostgreSQL MB/s "
+                 "(table + cache)", "network Gbit/s, base64", "network Gbit/s, JSON floats",
+                 "cores to parse JSON floats"], rows)
+    per_gpu_conn = hi / min(copy_new, cache_put)
+    print(f"""Per worker, one GPU's {hi:,} texts/s need {hi / copy_new:.0%} of a connection at this
+machine's COPY rate and {hi / cache_put:.0%} at its cache rate ({per_gpu_conn:.0%} at the worse of
+the two): each worker writes on its own connections, so no worker waits on its own writes. The
+limit is the one PostgreSQL server that every worker writes to, twice per text (row + cache).
+
+- 8 GPUs ({8 * lo:,}-{8 * hi:,} texts/s): the GPUs are the limit. One server takes
+  {2 * 8 * lo:,}-{2 * 8 * hi:,} rows/s over 8+8 connections (a fraction of each), ~{2 * 8 * hi * 3.1 / 1e3:,.0f} MB/s of vectors;
+  the network carries {8 * hi * dec['b64_bytes'] * 8 / 1e9:.1f} Gbit/s in base64, {8 * hi * dec['json_bytes'] * 8 / 1e9:.1f} in JSON floats.
+- 32 GPUs ({32 * lo:,}-{32 * hi:,} texts/s): {2 * 32 * lo:,}-{2 * 32 * hi:,} rows/s and up to
+  {2 * 32 * hi * 3.1 / 1e3:,.0f} MB/s of vectors (more with WAL) into one server: at the top of the range the database
+  (first the cache table: random-key B-tree inserts, {cache_put:,.0f} rows/s per connection here)
+  becomes the limit; JSON floats from Ollama cost {32 * hi / dec['json']:.0f} cores of parsing and
+  {32 * hi * dec['json_bytes'] * 8 / 1e9:.0f} Gbit/s, base64 {32 * hi * dec['b64_bytes'] * 8 / 1e9:.1f} Gbit/s.
+- 128 GPUs ({128 * lo:,}-{128 * hi:,} texts/s): {2 * 128 * lo:,}-{2 * 128 * hi:,} rows/s,
+  {2 * 128 * lo * 3.1 / 1e3:,.0f}-{2 * 128 * hi * 3.1 / 1e3:,.0f} MB/s of vectors before WAL: beyond one PostgreSQL server. The database
+  is the limit: several databases (tables sharded by id), the cache table on a server of
+  its own (EMBED_CACHE_URL), or no cache table for one-off loads; the network needs base64
+  ({128 * hi * dec['b64_bytes'] * 8 / 1e9:.0f} Gbit/s in all, against {128 * hi * dec['json_bytes'] * 8 / 1e9:.0f} with JSON floats).
+""")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4,000 texts")
+    args = parser.parse_args()
+    n = 4000 if args.quick else 40_000
+    import ray
+    with Workspace() as ws:
+        print_header("Scale: the Ray engine", [
+            f"data: {n:,} synthetic clinical notes (bench/common.py synthetic_texts)",
+            ws.describe(), f"servers: fake `ollama-gpu` (12 ms/request + 1.5 ms/text, 1 slot), "
+            f"{DIM}-dim vectors; EMBED_BATCH_SIZE={BATCH}, EMBED_MAX_CONCURRENCY={PER_SERVER}; "
+            f"Ray {ray.__version__}"])
+        path = ws.tmp / "texts.csv"
+        with open(path, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["id", "text"])
+            writer.writerows((f"s{i}", t) for i, t in enumerate(synthetic_texts(n)))
+        columns = {"id": [f"s{i}" for i in range(n)], "text": synthetic_texts(n)}
+        servers = start_servers(4, "ollama-gpu", DIM)
+        start = time.perf_counter()
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
+                 object_store_memory=200_000_000, log_to_driver=False, configure_logging=False)
+        startup = time.perf_counter() - start
+        rows, base = [], {}
+        try:
+            rows.append(measure(ws, servers[:1], "local", columns, n, base))
+            for k in (1, 2, 4):
+                rows.append(measure(ws, servers[:k], "ray", str(path), n, base))
+        finally:
+            ray.shutdown()
+            for s in servers:
+                s.stop()
+        print(f"Ray start-up: ray.init(num_cpus={os.cpu_count()}) here took {startup:.1f} s "
+              f"(target <= 10 s: {'met' if startup <= 10 else 'MISSED'}); each run's "
+              f"report.ray_startup_s is what it paid on top, Ray being up already.\n")
+        print_table(["engine", "servers", "workers", "rows in table", "wall s", "embedding phase s",
+                     "texts/s (phase)", "speedup vs local x1", "target", "busy share per server",
+                     "requests per server", "rows per worker", "report.ray_startup_s",
+                     "rerun unchanged: requests, s"], rows)
+        print("Embedding phase: first request start to last request end over the run's "
+              "servers (their GET /_busy).\n")
+        copy_new, copy_upsert = copy_rate(ws, 5000 if args.quick else 20_000)
+        cache_put = cache_rate(ws, 2048 if args.quick else 10_240)
+        model(copy_new, copy_upsert, cache_put, decode_rates())
+
+
+if __name__ == "__main__":
+    main()

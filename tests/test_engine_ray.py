@@ -1,0 +1,216 @@
+"""Step 9b on Ray: one local Ray instance for this module, two real fake servers, a real
+PostgreSQL. The same guarantees as the local engine: same rows, same vectors, duplicate ids
+resolved the same way, failures listed, a killed worker or driver loses nothing."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from fake_server import FakeEmbeddingServer, LatencyModel, expected_vector
+
+from embed_helpers import db
+from embed_helpers.backends import get_backend
+from embed_helpers.cache_tools import open_cache
+from embed_helpers.constants import PROJECT_ROOT, RAY_BATCHES_PER_BLOCK
+from embed_helpers.core import Target
+from embed_helpers.errors import DatabaseError
+from embed_helpers.workflow import ingest
+
+ray = pytest.importorskip("ray", reason="Ray Data is not installed (requirements-ray.txt)")
+DIM, BATCH = 16, 10
+BLOCK = RAY_BATCHES_PER_BLOCK * BATCH
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100_000_000,
+             log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def make(make_settings, fresh_database):
+    """Settings for two or more servers, with a cache table of this test's own."""
+    def settings_for(servers, **extra):
+        values = dict(EMBEDDING_BACKEND="ollama", OLLAMA_HOST=",".join(s.url for s in servers),
+                      EMBED_BATCH_SIZE=BATCH, EMBED_MAX_CONCURRENCY=2,
+                      EMBED_CACHE_BACKEND="postgres", EMBED_CACHE_URL=fresh_database)
+        values.update(extra)
+        return make_settings(**values)
+    return settings_for
+
+
+@pytest.fixture
+def servers():
+    with FakeEmbeddingServer(DIM) as a, FakeEmbeddingServer(DIM) as b:
+        yield a, b
+
+
+def frame(n, start=0, prefix="note"):
+    return pd.DataFrame({"id": [f"r{i}" for i in range(start, start + n)],
+                         "text": [f"{prefix} {i} about visit {i % 13}" for i in range(start, start + n)]})
+
+
+def run(df, table, settings, conn):
+    with get_backend(settings) as backend, open_cache(settings) as cache:
+        return ingest(df, Target(table, "id", "text"), settings=settings, conn=conn,
+                      backend=backend, cache=cache, progress=False)
+
+
+def stored(conn, table):
+    with conn.cursor() as cur:
+        cur.execute(f'SELECT id, text, embedding FROM "{table}" ORDER BY id')
+        rows = {r[0]: (r[1], r[2].to_numpy()) for r in cur.fetchall()}
+    conn.rollback()
+    return rows
+
+
+def texts_sent(servers):
+    return sum(s.total_texts() for s in servers)
+
+
+def test_same_table_as_the_local_engine(make, servers, conn, table):
+    df = pd.concat([frame(150), pd.DataFrame({
+        "id": ["r3", "empty-1", "r140", "r3", "empty-2"],     # r3 repeats across blocks
+        "text": ["r3 changed once", "", "r140 changed", "r3 changed twice, this one wins", None]})])
+    ray_report = run(df, table, make(servers, EMBED_ENGINE="ray"), conn)
+    local_table = table + "_local"
+    local = run(df, local_table, make(servers), conn)
+    try:
+        a, b = stored(conn, table), stored(conn, local_table)
+        assert a.keys() == b.keys() and len(a) == 150
+        assert a["r3"][0] == "r3 changed twice, this one wins" == b["r3"][0]
+        assert a["r140"][0] == "r140 changed"
+        for row_id, (text, vector) in a.items():
+            assert text == b[row_id][0]
+            np.testing.assert_allclose(vector, b[row_id][1], atol=1e-6)
+            np.testing.assert_allclose(vector, expected_vector(text, DIM), atol=1e-6)
+        assert sorted(ray_report.empty_ids) == ["empty-1", "empty-2"] == sorted(local.empty_ids)
+        assert ray_report.rows_read == local.rows_read == 155
+        assert ray_report.rows_duplicate == local.rows_duplicate == 3
+        assert ray_report.engine == "ray" and ray_report.workers
+    finally:
+        db.drop_table(conn, local_table)
+
+
+def test_rerun_sends_nothing_and_the_local_engine_shares_the_cache(make, servers, conn,
+                                                                  table):
+    settings = make(servers, EMBED_ENGINE="ray")
+    first = run(frame(90), table, settings, conn)
+    assert first.rows_written == 90 and texts_sent(servers) == 90
+    for s in servers:
+        s.reset()
+    again = run(frame(90), table, settings, conn)
+    assert again.rows_unchanged == 90 and again.rows_written == 0
+    assert texts_sent(servers) == 0
+    # the local engine, on another table, finds every vector in the shared cache table
+    other = table + "_other"
+    try:
+        local = run(frame(90), other, make(servers), conn)
+        assert local.rows_written == 90 and local.texts_embedded == 0 and texts_sent(servers) == 0
+    finally:
+        db.drop_table(conn, other)
+
+
+def test_failed_rows_are_listed_and_the_cli_exits_3(make, servers, conn, table, tmp_path):
+    for s in servers:
+        s.poison = {"note 7 about visit 7"}
+    data = tmp_path / "in.csv"
+    frame(60).to_csv(data, index=False)
+    settings = make(servers)
+    env = dict(os.environ, EMBEDDING_BACKEND="ollama", OLLAMA_HOST=settings.OLLAMA_HOST,
+               EMBED_BATCH_SIZE=str(BATCH), EMBED_RUNS_DIR=str(tmp_path / "runs"),
+               EMBED_CACHE_BACKEND="postgres", EMBED_CACHE_URL=str(settings.EMBED_CACHE_URL),
+               RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONPATH=str(PROJECT_ROOT))
+    done = subprocess.run([sys.executable, "-m", "embed_helpers", "ingest", "--data", str(data),
+                           "--id-col", "id", "--text-col", "text", "--table", table,
+                           "--engine", "ray", "-q"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 3, done.stderr[-3000:]
+    listed = list((tmp_path / "runs").glob("failures-*.jsonl"))
+    assert [json.loads(line)["id"] for line in listed[0].open()] == ["r7"]
+    assert len(stored(conn, table)) == 59
+
+
+def _worker_pids():
+    import psutil
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if "BlockWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_worker_killed_mid_run_loses_nothing(make, conn, table):
+    slow = LatencyModel(40, 0.5, slots=2)
+    with FakeEmbeddingServer(DIM, slow) as a, FakeEmbeddingServer(DIM, slow) as b:
+        settings = make((a, b), EMBED_ENGINE="ray", EMBED_WORKERS=2)
+        n = 30 * BLOCK
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(
+            report=run(frame(n), table, settings, conn=db.connect(settings))))
+        thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (db.table_dimension(conn, table)
+                                                    and db.count_rows(conn, table)["rows"] >= 4 * BLOCK):
+            time.sleep(0.05)
+        pids = _worker_pids()
+        assert pids, "no worker process found"
+        os.kill(pids[0], signal.SIGKILL)
+        thread.join(timeout=300)
+        assert result["report"].rows_written <= n
+        rows = stored(conn, table)
+        assert len(rows) == n  # every row exactly once (the id is the primary key)
+        again = texts_sent((a, b)) - n
+        assert 0 <= again <= 2 * BLOCK, f"{again} texts embedded again"
+
+
+def test_a_killed_driver_then_a_rerun_embeds_only_what_is_missing(make, conn, table,
+                                                                 tmp_path):
+    slow = LatencyModel(30, 0.5, slots=2)
+    with FakeEmbeddingServer(DIM, slow) as a:
+        settings = make((a,))
+        data = tmp_path / "in.csv"
+        n = 25 * BLOCK
+        frame(n).to_csv(data, index=False)
+        env = dict(os.environ, EMBEDDING_BACKEND="ollama", OLLAMA_HOST=a.url,
+                   EMBED_BATCH_SIZE=str(BATCH), EMBED_MAX_CONCURRENCY="2",
+                   EMBED_CACHE_BACKEND="postgres", EMBED_CACHE_URL=str(settings.EMBED_CACHE_URL),
+                   RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONPATH=str(PROJECT_ROOT))
+        args = [sys.executable, "-m", "embed_helpers", "ingest", "--data", str(data), "--id-col",
+                "id", "--text-col", "text", "--table", table, "--engine", "ray", "-q"]
+        driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and driver.poll() is None and not (
+                db.table_dimension(conn, table) and db.count_rows(conn, table)["rows"] >= 3 * BLOCK):
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        before = db.count_rows(conn, table)["rows"]
+        assert 0 < before < n, "the driver must be killed midway"
+        time.sleep(1)  # its workers go with it
+        cached = len(open_cache(settings))
+        a.reset()
+        rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert a.total_texts() == n - cached  # only what the shared cache lacked
+        assert len(stored(conn, table)) == n
+
+
+def test_a_block_the_database_refuses_fails_the_run_whole(make, servers, conn, table):
+    settings = make(servers, EMBED_ENGINE="ray")
+    db.create_table(conn, table, "id", "text", DIM)
+    with conn.cursor() as cur:  # the database refuses one row: its whole block is refused
+        cur.execute(f'ALTER TABLE "{table}" ADD CONSTRAINT no_r77 CHECK (id <> \'r77\')')
+    conn.commit()
+    with pytest.raises(DatabaseError, match=r"PostgreSQL refused while writing rows.*no_r77"):
+        run(frame(3 * BLOCK), table, settings, conn)
+    ids = set(stored(conn, table))
+    block_of_77 = {f"r{i}" for i in range(BLOCK, 2 * BLOCK)}
+    assert not ids & block_of_77  # nothing of that block is half-written
