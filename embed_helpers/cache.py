@@ -18,8 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .cache_format import (digest, digest_at, encode_line, flocked, index_chunk, lock_current,
-                           raw_chunks, raw_lines, vector_at)
+from .cache_format import digest, encode_line, index_chunk, vector_at
+from .cache_io import flocked, lock_current, raw_chunks, scan_records
 from .config import _path, relative
 from .constants import READ_SPAN_BYTES
 from .identity import Identity
@@ -151,6 +151,10 @@ class EmbeddingCache:
             self._refresh()
             return {t for t, k in zip(texts, identity.keys(texts)) if digest(k) in self._index}
 
+    def lease(self, identity: Identity, texts: Sequence[str]) -> set[str]:
+        """Every text: a file on one machine keeps no leases (see `PostgresCache.lease`)."""
+        return set(texts)
+
     def dims(self, route: str, model: str, normalized: bool) -> list[int]:
         """Dimensions cached for this route, model and normalisation (to learn a table's
         dimension without a request)."""
@@ -218,7 +222,6 @@ class EmbeddingCache:
 
     def entries(self):
         """Every valid entry with its vector, in file order (`cache export`)."""
-        from .cache_format import scan_records
         if self.path.is_file():
             for _offset, record in scan_records(self.path, vectors=True):
                 if record is not None and record["vector"] is not None:

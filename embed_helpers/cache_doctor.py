@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .cache_format import digest, scan_records, text_sha256, variant_sha256
+from .cache_format import digest, text_sha256, variant_sha256
+from .cache_io import scan_records
 from .config import relative
 from .constants import DOCTOR_SAMPLE, PREVIEW_CHARS, PROJECT_ROOT
 from .identity import Identity

@@ -9,18 +9,11 @@ full JSON parse; lines in any other layout still load, through `json.loads`):
 from __future__ import annotations
 
 import binascii
-import fcntl
 import hashlib
 import json
-import os
 import unicodedata
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-
-from .constants import SCAN_CHUNK_BYTES
 
 _PREFIX = b'{"key":"'
 _DIM = b',"dim":'
@@ -150,34 +143,6 @@ def meta_at(buf: bytes, p: int, nl: int) -> dict | None:
         return None
 
 
-def raw_chunks(fd: int, start: int, end: int) -> Iterator[tuple[int, bytes, int]]:
-    """(file offset of buf, buf, length of its complete lines) over [start, end).
-
-    Each read starts where the last complete line ended (re-reading a partial line is
-    cheaper than joining buffers). A tail without a newline is never yielded.
-    """
-    pos, size = start, SCAN_CHUNK_BYTES
-    while pos < end:
-        buf = os.pread(fd, min(size, end - pos), pos)
-        stop = buf.rfind(b"\n") + 1
-        if not stop:
-            if pos + len(buf) >= end or not buf:
-                return
-            size *= 2  # a line longer than a chunk
-            continue
-        yield pos, buf, stop
-        pos, size = pos + stop, SCAN_CHUNK_BYTES
-
-
-def raw_lines(fd: int, start: int, end: int) -> Iterator[tuple[int, bytes, int, int]]:
-    """(file offset, buffer, start, newline index) of each complete line in [start, end)."""
-    for base, buf, stop in raw_chunks(fd, start, end):
-        p, find = 0, buf.find
-        while (nl := find(b"\n", p, stop)) >= 0:
-            yield base + p, buf, p, nl
-            p = nl + 1
-
-
 _UNHEX = np.full(256, 255, dtype=np.uint8)
 _UNHEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
 
@@ -197,18 +162,41 @@ def index_chunk(buf: bytes, stop: int) -> tuple[list[bytes], list[int], list[int
     then as byte comparisons at the same places on all of them. Lines that fail go
     through `digest_at` one by one. Offsets are relative to buf.
     """
-    settings: set = set()
     ends, p, find = [], 0, buf.find
     while (nl := find(b"\n", p, stop)) >= 0:
         ends.append(nl)
         p = nl + 1
     if not ends:
-        return [], [], [], 0, settings
-    arr, nls = np.frombuffer(buf, np.uint8), np.array(ends, dtype=np.int64)
+        return [], [], [], 0, set()
+    nls = np.array(ends, dtype=np.int64)
     starts = np.concatenate(([0], nls[:-1] + 1))
     lengths = nls - starts
-    fast = np.zeros(len(nls), dtype=bool)
-    digests = np.zeros((len(nls), 32), dtype=np.uint8)
+    fast, digests, settings = _index_by_length(buf, starts, lengths)
+    raw = digests[fast].tobytes()
+    keys = [raw[i:i + 32] for i in range(0, len(raw), 32)]
+    offsets = starts[fast].tolist()
+    bad, slow = [], []
+    for i in np.flatnonzero(~fast).tolist():  # other layouts, and bad lines
+        key = digest_at(buf, int(starts[i]), int(nls[i]))
+        if key is None:
+            bad.append(int(starts[i]))
+        else:
+            slow.append((int(starts[i]), key))
+            settings.add(_settings_of(meta_at(buf, int(starts[i]), int(nls[i]))))
+    if slow:  # keep file order: the last line of a key wins
+        pairs = sorted(list(zip(offsets, keys)) + slow)
+        offsets, keys = [o for o, _ in pairs], [k for _, k in pairs]
+    settings.discard(None)
+    return keys, offsets, bad, int(lengths.max()) + 1, settings
+
+
+def _index_by_length(buf: bytes, starts: np.ndarray, lengths: np.ndarray):
+    """(lines that pass the fast checks, their key digests, settings seen) for every group
+    of lines of one length."""
+    arr = np.frombuffer(buf, np.uint8)
+    fast = np.zeros(len(starts), dtype=bool)
+    digests = np.zeros((len(starts), 32), dtype=np.uint8)
+    settings: set = set()
     for length in np.unique(lengths[lengths >= 100]):
         first = int(starts[np.argmax(lengths == length)])
         loc = locate(buf, first, first + int(length))
@@ -230,50 +218,13 @@ def index_chunk(buf: bytes, stop: int) -> tuple[list[bytes], list[int], list[int
         odd = ok & ~_bytes_at(arr, s + 72, head)
         for start in [first] + s[odd].tolist():
             settings.add(_settings_of(meta_at(buf, start, start + int(length))))
-    raw = digests[fast].tobytes()
-    keys = [raw[i:i + 32] for i in range(0, len(raw), 32)]
-    offsets = starts[fast].tolist()
-    bad, slow = [], []
-    for i in np.flatnonzero(~fast).tolist():  # other layouts, and bad lines
-        key = digest_at(buf, int(starts[i]), int(nls[i]))
-        if key is None:
-            bad.append(int(starts[i]))
-        else:
-            slow.append((int(starts[i]), key))
-            settings.add(_settings_of(meta_at(buf, int(starts[i]), int(nls[i]))))
-    if slow:  # keep file order: the last line of a key wins
-        pairs = sorted(list(zip(offsets, keys)) + slow)
-        offsets, keys = [o for o, _ in pairs], [k for _, k in pairs]
-    settings.discard(None)
-    return keys, offsets, bad, int(lengths.max()) + 1, settings
+    return fast, digests, settings
 
 
 def _settings_of(meta: dict | None) -> tuple | None:
     if not meta:
         return None
     return meta.get("route"), meta.get("model"), meta.get("dim"), meta.get("normalized")
-
-
-@contextmanager
-def flocked(fd: int, mode: int) -> Iterator[None]:
-    fcntl.flock(fd, mode)
-    try:
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-
-
-def lock_current(path: Path, flags: int, mode: int = fcntl.LOCK_EX) -> int:
-    """Open `path` and lock it, retrying if a compaction replaced the file meanwhile."""
-    while True:
-        fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
-        fcntl.flock(fd, mode)
-        try:
-            if os.path.samestat(os.stat(path), os.fstat(fd)):
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # closing drops the lock on the replaced file
 
 
 def digest(key: str) -> bytes | None:
@@ -283,26 +234,3 @@ def digest(key: str) -> bytes | None:
     except (ValueError, TypeError):
         return None
     return raw if len(raw) == 32 else None
-
-
-def scan_records(path: Path, vectors: bool = False) -> Iterator[tuple[int, dict | None]]:
-    """(offset, every field but the vector) per line; None for a bad or torn line. With
-    `vectors`, the record holds its decoded vector too (None for a bad vector).
-
-    Reads the file as it is when called (sized under the shared lock) in bounded memory.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        with flocked(fd, fcntl.LOCK_SH):
-            size = os.fstat(fd).st_size
-        end = 0
-        for off, buf, p, nl in raw_lines(fd, 0, size):
-            meta = meta_at(buf, p, nl)
-            if vectors and meta is not None:
-                meta["vector"] = vector_at(buf, p, nl)
-            yield off, meta
-            end = off + nl - p + 1
-        if end < size:
-            yield end, None
-    finally:
-        os.close(fd)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from dataclasses import replace
 from typing import Sequence
 
@@ -32,6 +33,16 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     vector bytea NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now());
 CREATE INDEX IF NOT EXISTS {TABLE}_settings ON {TABLE} (model, route, normalized, dim);
+CREATE TABLE IF NOT EXISTS {TABLE}_leases (
+    key bytea PRIMARY KEY, owner text NOT NULL, until timestamptz NOT NULL);
+"""
+# Texts a run is embedding right now: another run leaves them to it until the lease ends.
+LEASE_SQL = f"""
+INSERT INTO {TABLE}_leases (key, owner, until)
+SELECT k, %(o)s, now() + make_interval(secs => %(s)s) FROM unnest(%(k)s::bytea[]) AS u(k) ORDER BY k
+ON CONFLICT (key) DO UPDATE SET owner = EXCLUDED.owner, until = EXCLUDED.until
+WHERE {TABLE}_leases.until < now() OR {TABLE}_leases.owner = EXCLUDED.owner
+RETURNING key
 """
 # The distinct dimensions of one model without reading every entry: a loose index scan.
 DIMS_SQL = f"""
@@ -44,6 +55,7 @@ WITH RECURSIVE d AS (
 SELECT dim FROM d WHERE dim IS NOT NULL
 """
 INSERT_SQL = f"""
+WITH done AS (DELETE FROM {TABLE}_leases WHERE key = ANY(%(k)s::bytea[]))
 INSERT INTO {TABLE} (key, route, model, dim, normalized, text_sha256, variant_sha256, vector)
 SELECT k, %(r)s, %(m)s, %(d)s, %(n)s, t, v, x
 FROM unnest(%(k)s::bytea[], %(t)s::bytea[], %(v)s::bytea[], %(x)s::bytea[]) AS u(k, t, v, x)
@@ -69,6 +81,8 @@ class PostgresCache:
         self.where = mask_url(where.DATABASE_URL) if where.DATABASE_URL else "the embedded server"
         self.conn = db.connect(where)
         self.conn.autocommit = False
+        self.owner = uuid.uuid4().hex
+        self.lease_s = 2 * settings.EMBEDDING_TIMEOUT
         self._lock = threading.RLock()
         self.hits = self.misses = self.written = 0
         with self._lock:
@@ -99,8 +113,18 @@ class PostgresCache:
                            list(by_key))
         return {by_key[bytes(r[0])] for r in rows}
 
+    def lease(self, identity: Identity, texts: Sequence[str]) -> set[str]:
+        """The texts this run may embed now: those no other run holds a live lease on (a
+        lease lasts 2 x EMBEDDING_TIMEOUT, and storing the vectors ends it). Two runs at the
+        same time so never pay for the same batch twice."""
+        by_key = {bytes.fromhex(k): t for k, t in zip(identity.keys(texts), texts)}
+        with self._lock:
+            rows = _lease(self.conn, {"o": self.owner, "s": self.lease_s, "k": list(by_key)})
+        return {by_key[bytes(r[0])] for r in rows}
+
     def put_many(self, identity: Identity, texts: Sequence[str], vectors: np.ndarray) -> int:
-        """Insert new entries in one statement; entries another writer stored are kept."""
+        """Insert new entries in one statement (ending their leases); entries another
+        writer stored are kept."""
         if len(vectors) != len(texts):
             raise ValueError(f"{len(vectors)} vectors but {len(texts)} texts")
         good = []
@@ -227,6 +251,15 @@ def _select(conn, query: str, params) -> list[tuple]:
         cur.execute(query, (params,) if isinstance(params, list) else params)
         rows = cur.fetchall()
     conn.rollback()
+    return rows
+
+
+@guarded("leasing texts in the cache table")
+def _lease(conn, params: dict) -> list[tuple]:
+    with conn.cursor() as cur:
+        cur.execute(LEASE_SQL, params)
+        rows = cur.fetchall()
+    conn.commit()
     return rows
 
 

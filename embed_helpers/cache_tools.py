@@ -12,7 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 from .cache import EmbeddingCache
-from .cache_format import digest, digest_at, lock_current, raw_lines, scan_records, vector_at
+from .cache_format import digest, digest_at, vector_at
+from .cache_io import lock_current, raw_lines, scan_records
 from .config import Settings, _path, relative
 from .constants import CACHE_TRANSFER_ROWS
 
@@ -153,22 +154,7 @@ def compact(path: Path | str) -> dict:
         if end < size:
             result["lines_before"] += 1
             result["bad_lines_removed"] += 1
-        with open(tmp, "wb") as out:
-            start = stop = 0
-            for off, length in sorted(keep.values()) + [(-1, 0)]:  # (-1, 0): flush the last run
-                if off != stop or stop - start > (8 << 20):  # copy runs of adjacent lines
-                    out.write(os.pread(fd, stop - start, start))
-                    start = off
-                stop = off + length
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, os.fstat(fd).st_mode & 0o777)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(dir_fd)
+        _write_beside(fd, sorted(keep.values()), tmp, path)
         result["entries"], result["bytes_after"] = len(keep), path.stat().st_size
     finally:
         os.close(fd)  # releases the lock; writers waiting on the old file retry the new one
@@ -176,3 +162,24 @@ def compact(path: Path | str) -> dict:
     log.info("cache %s compacted: %d entries, %d duplicates and %d bad lines removed",
              path, result["entries"], result["duplicates_removed"], result["bad_lines_removed"])
     return result
+
+
+def _write_beside(fd: int, lines: list[tuple[int, int]], tmp: Path, path: Path) -> None:
+    """Copy the (offset, length) lines of `fd` to `tmp`, fsync it and rename it over `path`:
+    a crash leaves the old file or the new one, never half of one."""
+    with open(tmp, "wb") as out:
+        start = stop = 0
+        for off, length in lines + [(-1, 0)]:  # (-1, 0): flush the last run
+            if off != stop or stop - start > (8 << 20):  # copy runs of adjacent lines
+                out.write(os.pread(fd, stop - start, start))
+                start = off
+            stop = off + length
+        out.flush()
+        os.fsync(out.fileno())
+    os.chmod(tmp, os.fstat(fd).st_mode & 0o777)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)

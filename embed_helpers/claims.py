@@ -44,6 +44,18 @@ def claim_in_transaction(cur, run: str, ids: Sequence[str], seqs: Sequence[int])
     return {row_id for row_id, seq in cur.fetchall() if seq == mine[row_id]}
 
 
+def keep_latest(cur, claim: tuple[str, dict], ids, texts, vectors, chunks):
+    """Inside a write transaction: the rows (ids, texts, vectors, chunks) whose position is
+    still the latest claimed for their id; the claims stay locked until the commit."""
+    run, positions = claim
+    latest = claim_in_transaction(cur, run, ids, [positions[i] for i in ids])
+    if len(latest) == len(ids):
+        return ids, texts, vectors, chunks
+    keep = [k for k, i in enumerate(ids) if i in latest]
+    return ([ids[k] for k in keep], [texts[k] for k in keep], vectors[keep],
+            [c for c in chunks if c[0] in latest])
+
+
 @guarded("claiming rows")
 def claim_rows(conn, run: str, ids: Sequence[str], seqs: Sequence[int]) -> set[str]:
     """Claim the rows of a block (its own transaction); the ids whose input position is

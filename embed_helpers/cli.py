@@ -69,7 +69,7 @@ def _prepare(args):
 
 
 def cmd_ingest(args) -> int:
-    from .workflow import build_index, ingest
+    from .workflow import ingest
 
     if (_settings(args).EMBED_ENGINE == "ray" and _data_path(args).suffix.lower()
             in (".csv", ".parquet", "") and args.id_col and args.text_col):

@@ -20,48 +20,12 @@ from .backends import DEFAULT_BACKEND, REGISTRY
 from .constants import (DEFAULT_CACHE_PATH, DEFAULT_PGDATA, DEFAULT_RUNS_DIR, PROJECT_ROOT,
                         project_path)
 from .errors import ConfigError
+from .printing import Secret, mask, mask_url, relative  # noqa: F401  (names of the settings API)
 
 log = logging.getLogger(__name__)
 
 ENCODINGS = ("float", "base64")
 LOCAL_MODEL_DEFAULT = "all-MiniLM-L6-v2"
-
-
-class Secret(str):
-    """A string that never shows itself in repr/str-formatting of Settings.
-
-    >>> Secret("sk-test-0000-1234")
-    Secret('sk-…1234')
-    >>> mask("sk-test-0000-1234")
-    'sk-…1234'
-    """
-
-    def __repr__(self) -> str:
-        return f"Secret({mask(self)!r})"
-
-
-def mask(value: str | None) -> str:
-    """Show at most a prefix and the last four characters of a secret."""
-    if not value:
-        return ""
-    if len(value) <= 8:
-        return "****"
-    prefix = value[:3] if value.startswith("sk-") else ""
-    return f"{prefix}…{value[-4:]}"
-
-
-def mask_url(url: str | None) -> str:
-    """Hide the password in a connection URL.
-
-    >>> mask_url("postgresql://alice:s3cret@db:5432/x")
-    'postgresql://alice:****@db:5432/x'
-    >>> mask_url("host=db user=alice password=s3cret dbname=x")
-    'host=db user=alice password=**** dbname=x'
-    """
-    if not url:
-        return ""
-    url = re.sub(r"(\bpassword=)('[^']*'|\S+)", r"\1****", url)  # key=value DSNs
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1****@", url)
 
 
 # --- value parsers: each raises ValueError with what is allowed -------------------
@@ -261,20 +225,6 @@ def display(settings: Settings, name: str) -> str:
     if name in ("OLLAMA_HOST", "OPENAI_BASE_URL"):
         return ",".join(mask_url(u) for u in urls(value))
     return str(value)
-
-
-def relative(path: Path | str) -> str:
-    """A path as printed: from the project root when inside it, so that outputs carry no
-    path of the machine that ran them.
-
-    >>> relative(PROJECT_ROOT / ".cache" / "x.jsonl"), relative("/elsewhere/x")
-    ('.cache/x.jsonl', '/elsewhere/x')
-    """
-    path = Path(path)
-    try:
-        return str(path.resolve().relative_to(PROJECT_ROOT))
-    except ValueError:
-        return str(path)
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None, *,

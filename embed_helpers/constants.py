@@ -123,3 +123,7 @@ RAY_HTTP_WORKER_CPUS = 0.25
 RAY_READER_CPUS = 0.1
 #: The object store of a local Ray started for a run (blocks of text, not vectors, go there).
 RAY_OBJECT_STORE_BYTES = 200_000_000
+
+# The shared cache (embed_helpers.cache_pg)
+#: How long to wait before looking again for texts another run is embedding right now.
+CACHE_LEASE_POLL_S = 0.25

@@ -162,6 +162,18 @@ def in_cache(cache, identity: Identity, texts: Sequence[str]) -> set[str]:
     return cache.contains(identity, list(texts))
 
 
+def take_or_lease(cache, identity: Identity, texts: list[str]
+                  ) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+    """Just before paying for a batch: (vectors another run cached meanwhile, the texts this
+    run may embed, the texts another run is embedding right now: come back to them)."""
+    if cache is None or not identity.dim:
+        return {}, texts, []
+    found = cache.get_many(identity, texts)
+    rest = [t for t in texts if t not in found]
+    mine = cache.lease(identity, rest) if rest else set()
+    return found, [t for t in rest if t in mine], [t for t in rest if t not in mine]
+
+
 def embed(backend, texts: list[str], *, sizer: BatchSizer, dimension: Dimension
           ) -> tuple[list[str], np.ndarray, list[Failure]]:
     """One batch through `embed_resilient`: (texts, vectors, failures)."""

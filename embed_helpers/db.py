@@ -7,7 +7,6 @@ that says what to do. Search and the index are in `search`.
 """
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -19,9 +18,9 @@ from psycopg2 import sql
 from psycopg2.extras import execute_values
 
 from .config import Settings, mask_url
-from .constants import COPY_BUFFER_BYTES, LOOKUP_CHUNK_IDS
-from .claims import claim_in_transaction
-from .copy_format import chunks_payload, rows_payload
+from .constants import LOOKUP_CHUNK_IDS
+from .claims import keep_latest
+from .copy_format import chunks_payload, copy_new_rows, copy_rows, rows_payload
 from .db_guard import EXTERNAL, check_once, guarded
 from .errors import DatabaseError, DataError
 
@@ -42,7 +41,7 @@ def connect(settings: Settings):
         url = embedded_uri(pgdata)
         where = f"embedded PostgreSQL ({settings.EMBED_PGDATA})"
     try:
-        conn = psycopg2.connect(url)
+        conn = psycopg2.connect(url, application_name="embed_helpers")
     except psycopg2.OperationalError as exc:
         raise DatabaseError(f"Cannot connect to PostgreSQL at {where}: {str(exc).strip()}. "
                             "Check DATABASE_URL, or unset it to use the embedded server.") from None
@@ -160,12 +159,6 @@ def stored_state(conn, table: str, id_col: str, text_col: str, chunks_table: str
     return found
 
 
-def _copy(conn, cur, table: str, columns: list[str], payload: bytes) -> None:
-    statement = sql.SQL("COPY {t} ({cols}) FROM STDIN WITH (FORMAT binary)").format(
-        t=sql.Identifier(table), cols=sql.SQL(", ").join(map(sql.Identifier, columns)))
-    cur.copy_expert(statement.as_string(conn), io.BytesIO(payload), size=COPY_BUFFER_BYTES)
-
-
 @guarded("writing rows to {table}")
 def write_rows(conn, table: str, id_col: str, text_col: str, ids: Sequence[str],
                texts: Sequence[str], vectors: np.ndarray, *, upsert: bool = True,
@@ -189,48 +182,41 @@ def write_rows(conn, table: str, id_col: str, text_col: str, ids: Sequence[str],
     replace_chunks = bool(chunks_table) and (bool(chunks) or table_dimension(conn, chunks_table))
     if chunks and table_dimension(conn, chunks_table) is None:
         create_chunks_table(conn, chunks_table, id_col, vectors.shape[1])
-    names = dict(t=sql.Identifier(table), id=sql.Identifier(id_col), text=sql.Identifier(text_col))
-    conflict = _conflict(upsert, id_col, text_col)
-    written = None  # the ids written, when not all of them were (UPSERT off)
     with conn.cursor() as cur:
         if claim is not None:
-            latest = claim_in_transaction(cur, claim[0], ids, [claim[1][i] for i in ids])
-            if len(latest) < len(ids):
-                keep = [k for k, i in enumerate(ids) if i in latest]
-                ids, texts, vectors = [ids[k] for k in keep], [texts[k] for k in keep], vectors[keep]
-                chunks = [c for c in chunks if c[0] in latest]
-            if not ids:
-                conn.commit()
-                return 0
-        if method == "copy":
-            payload = rows_payload(ids, texts, vectors)
-            if not (assume_new and _copy_new_rows(conn, cur, table, id_col, text_col, payload)):
-                cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {s} (id text, txt text, "
-                                    "embedding vector) ON COMMIT DELETE ROWS").format(
-                    s=sql.Identifier(STAGE_TABLE)))
-                _copy(conn, cur, STAGE_TABLE, ["id", "txt", "embedding"], payload)
-                returning = sql.SQL("") if upsert else sql.SQL(" RETURNING {id}").format(**names)
-                cur.execute(sql.SQL("INSERT INTO {t} ({id}, {text}, embedding) "
-                                    "SELECT id, txt, embedding FROM {s} ").format(
-                    s=sql.Identifier(STAGE_TABLE), **names) + conflict + returning)
-                if not upsert:
-                    written = {r[0] for r in cur.fetchall()}
-        elif method == "execute_values":
-            returning = "" if upsert else sql.SQL(" RETURNING {id}").format(**names).as_string(conn)
-            rows = execute_values(cur, sql.SQL("INSERT INTO {t} ({id}, {text}, embedding) VALUES %s ")
-                                  .format(**names).as_string(conn) + conflict.as_string(conn)
-                                  + returning, list(zip(ids, texts, vectors)), page_size=len(ids),
-                                  fetch=not upsert)
-            if not upsert:
-                written = {r[0] for r in rows}
-        else:
-            raise ValueError(f"unknown write method {method!r}: copy or execute_values")
+            ids, texts, vectors, chunks = keep_latest(cur, claim, ids, texts, vectors, chunks)
+        written = _insert(conn, cur, table, id_col, text_col, ids, texts, vectors, upsert=upsert,
+                          method=method, assume_new=assume_new) if ids else set()
         if replace_chunks:  # rows kept as they were (UPSERT off) keep their chunks too
             _replace_chunks(conn, cur, chunks_table, id_col,
                             [i for i in ids if written is None or i in written],
                             [c for c in chunks if written is None or c[0] in written])
     conn.commit()
     return len(ids)
+
+
+def _insert(conn, cur, table: str, id_col: str, text_col: str, ids, texts, vectors, *,
+            upsert: bool, method: str, assume_new: bool) -> set[str] | None:
+    """The rows' INSERT; returns the ids written when not all were (UPSERT off), else None."""
+    names = dict(t=sql.Identifier(table), id=sql.Identifier(id_col), text=sql.Identifier(text_col))
+    tail = _conflict(upsert, id_col, text_col) + \
+        (sql.SQL("") if upsert else sql.SQL(" RETURNING {id}").format(**names))
+    if method == "execute_values":
+        rows = execute_values(cur, sql.SQL("INSERT INTO {t} ({id}, {text}, embedding) VALUES %s ")
+                              .format(**names).as_string(conn) + tail.as_string(conn),
+                              list(zip(ids, texts, vectors)), page_size=len(ids), fetch=not upsert)
+        return None if upsert else {r[0] for r in rows}
+    if method != "copy":
+        raise ValueError(f"unknown write method {method!r}: copy or execute_values")
+    payload = rows_payload(ids, texts, vectors)
+    if assume_new and copy_new_rows(conn, cur, table, id_col, text_col, payload):
+        return None
+    cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {s} (id text, txt text, embedding vector) "
+                        "ON COMMIT DELETE ROWS").format(s=sql.Identifier(STAGE_TABLE)))
+    copy_rows(conn, cur, STAGE_TABLE, ["id", "txt", "embedding"], payload)
+    cur.execute(sql.SQL("INSERT INTO {t} ({id}, {text}, embedding) SELECT id, txt, embedding "
+                        "FROM {s} ").format(s=sql.Identifier(STAGE_TABLE), **names) + tail)
+    return None if upsert else {r[0] for r in cur.fetchall()}
 
 
 def _replace_chunks(conn, cur, table: str, id_col: str, ids: Sequence[str],
@@ -240,20 +226,8 @@ def _replace_chunks(conn, cur, table: str, id_col: str, ids: Sequence[str],
     cur.execute(sql.SQL("DELETE FROM {t} WHERE {id} = ANY(%s)").format(
         t=sql.Identifier(table), id=sql.Identifier(id_col)), (list(ids),))
     if chunks:
-        _copy(conn, cur, table, [id_col, "chunk", "char_start", "char_end", "embedding"],
+        copy_rows(conn, cur, table, [id_col, "chunk", "char_start", "char_end", "embedding"],
               chunks_payload(chunks))
-
-
-def _copy_new_rows(conn, cur, table: str, id_col: str, text_col: str, payload: bytes) -> bool:
-    """COPY straight into the table; False (nothing written) when an id already exists."""
-    cur.execute("SAVEPOINT new_rows")
-    try:
-        _copy(conn, cur, table, [id_col, text_col, "embedding"], payload)
-    except psycopg2.errors.UniqueViolation:
-        cur.execute("ROLLBACK TO SAVEPOINT new_rows")  # another writer got there first
-        return False
-    cur.execute("RELEASE SAVEPOINT new_rows")
-    return True
 
 
 def _conflict(upsert: bool, id_col: str, text_col: str) -> sql.Composable:

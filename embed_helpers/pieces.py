@@ -200,7 +200,7 @@ class Done:
 def mean_vector(vectors: np.ndarray) -> np.ndarray:
     """The normalised mean of chunk vectors: one vector for the whole text.
 
-    >>> mean_vector(np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)).round(4).tolist()
+    >>> [round(float(x), 4) for x in mean_vector(np.array([[1, 0], [0, 1]], dtype=np.float32))]
     [0.7071, 0.7071]
     """
     mean = vectors.astype(np.float64).mean(axis=0)

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import core, db
-from .constants import PREVIEW_CHARS, WRITE_CHUNK_ROWS
+from .constants import CACHE_LEASE_POLL_S, PREVIEW_CHARS, WRITE_CHUNK_ROWS
 from .plan import Plan
 from .report import RunReport, start_report
 from .resilient import BatchSizer, Dimension
@@ -69,8 +69,17 @@ class _Run:
                            "not in the cache (EMBED_CACHE_ONLY=1): run without it to embed")
         return []
 
-    def finish_batch(self, conn, texts, vectors, failures, latency: float) -> None:
-        """The writer thread: cache a batch's vectors, then write the rows it completes."""
+    def finish_batch(self, conn, found: dict, texts, vectors, failures, latency: float) -> None:
+        """The writer thread: cache a batch's vectors, then write the rows it completes
+        (and those of the texts another run cached meanwhile: `found`)."""
+        if found:
+            with self.lock:
+                self.report.cache_hits += len(found)
+                self.report.cache_misses -= len(found)
+            self.write(conn, self.plan.pieces.deliver(list(found), np.stack(list(found.values()))),
+                       -1)
+        if not len(texts):
+            return
         identity = self.backend.identity(self.dimension.value)  # the route that made them
         core.remember(self.cache, identity, texts, vectors, failures)
         for f in failures:
@@ -116,7 +125,8 @@ class _Run:
                     if lost:
                         log.warning("%d cached vectors could not be read back; embedding them",
                                     len(lost))
-                        self.finish_batch(conn, *embed(lost))
+                        found, *batch, _later = embed(lost)
+                        self.finish_batch(conn, found, *batch)
         finally:
             conn.close()
 
@@ -150,15 +160,17 @@ def run_plan(plan: Plan, *, conn, backend, cache, settings, progress: bool = Tru
     run = _Run(plan, backend=backend, cache=cache, settings=settings, progress=progress)
     stats_before = backend.stats()
     sizer = BatchSizer(plan.batch_size)
-    to_embed = run.fail_known()
-    budget = plan.window.request_tokens
-    tokens = plan.pieces.token_counts(to_embed, plan.window) if budget else None
 
     def embed(texts: list[str]):
+        """One batch: what another run cached meanwhile, our request for the rest, and the
+        texts another run is embedding right now (retried after this pass)."""
         t0 = run.now()
-        result = core.embed(backend, texts, sizer=sizer, dimension=run.dimension)
-        run.request_spans.append((t0, run.now()))
-        return (*result, run.now() - t0)
+        found, mine, later = core.take_or_lease(cache, backend.identity(run.dimension.value), texts)
+        batch = core.embed(backend, mine, sizer=sizer, dimension=run.dimension) if mine \
+            else ([], np.empty((0, 0), np.float32), [])
+        if mine:
+            run.request_spans.append((t0, run.now()))
+        return (found, *batch, run.now() - t0, later)
 
     with ThreadPoolExecutor(backend.slots, thread_name_prefix="embed") as pool, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as writer, \
@@ -167,20 +179,35 @@ def run_plan(plan: Plan, *, conn, backend, cache, settings, progress: bool = Tru
         # meanwhile by their own thread, so they never hold up a finished batch.
         chunks = _cached_chunks(plan)
         side_job = side.submit(run.write_cached, chunks, embed) if chunks else None
-        writes, inflight = [], {}
-        batches = core.batches(to_embed, lambda: sizer.size, tokens, budget)
-        while True:
-            while len(inflight) < backend.slots and (batch := next(batches, None)):
-                inflight[pool.submit(embed, batch)] = batch
-            if not inflight:
-                break
-            done, _ = wait(inflight, return_when=FIRST_COMPLETED)
-            for future in done:
-                del inflight[future]
-                writes.append(writer.submit(run.finish_batch, conn, *future.result()))
-            while len(writes) > 2 * backend.slots:  # back-pressure: few batches held in memory
-                writes.pop(0).result()
+        pending, writes = run.fail_known(), []
+        while pending:
+            pending = _one_pass(pending, plan, backend, sizer, pool, writer, writes, embed,
+                                lambda *result: run.finish_batch(conn, *result))
+            if pending:  # another run holds them: its vectors will be in the cache shortly
+                time.sleep(CACHE_LEASE_POLL_S)
         for job in writes + ([side_job] if side_job else []):
             job.result()
     run.bar.close()
     return run.report.finish(run, backend, stats_before, settings)
+
+
+def _one_pass(texts, plan, backend, sizer, pool, writer, writes, embed, finish) -> list[str]:
+    """Send `texts` in batches, `backend.slots` at a time, each finished batch handed to the
+    writer; returns the texts another run was embedding (to look up again)."""
+    budget = plan.window.request_tokens
+    tokens = plan.pieces.token_counts(texts, plan.window) if budget else None
+    batches = core.batches(texts, lambda: sizer.size, tokens, budget)
+    inflight, later = {}, []
+    while True:
+        while len(inflight) < backend.slots and (batch := next(batches, None)):
+            inflight[pool.submit(embed, batch)] = batch
+        if not inflight:
+            return later
+        done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+        for future in done:
+            del inflight[future]
+            *result, deferred = future.result()
+            later += deferred
+            writes.append(writer.submit(finish, *result))
+        while len(writes) > 2 * backend.slots:  # back-pressure: few batches held in memory
+            writes.pop(0).result()

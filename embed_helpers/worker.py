@@ -16,6 +16,7 @@ import numpy as np
 
 from . import core, db
 from .claims import claim_rows
+from .constants import CACHE_LEASE_POLL_S
 from .pieces import Done, Pieces
 from .resilient import BatchSizer, Dimension
 
@@ -86,26 +87,41 @@ class BlockWorker:
                 failures += [self._failure(pieces, r, "not in the cache (EMBED_CACHE_ONLY=1)")
                              for r in pieces.fail(text)]
             misses = []
-        budget = self.window.request_tokens
-        tokens = pieces.token_counts(misses, self.window) if budget else None
-        jobs = [self.pool.submit(core.embed, self.backend, batch, sizer=self.sizer,
-                                 dimension=self.dimension)
-                for batch in core.batches(misses, self.sizer.size, tokens, budget)]
         embedded = 0
-        for job in jobs:
-            batch, vectors, bad = job.result()
-            core.remember(self.cache, self.backend.identity(self.dimension.value), batch,
-                          vectors, bad)
-            for f in bad:
-                failures += [self._failure(pieces, r, f.reason) for r in pieces.fail(batch[f.position])]
-            good = [i for i in range(len(batch)) if i not in {f.position for f in bad}]
-            embedded += len(good)
-            parts.append(pieces.deliver([batch[i] for i in good], vectors[good]))
+        while misses:  # texts another run holds come back in the next pass
+            budget = self.window.request_tokens
+            tokens = pieces.token_counts(misses, self.window) if budget else None
+            jobs = [self.pool.submit(self._embed, batch)
+                    for batch in core.batches(misses, self.sizer.size, tokens, budget)]
+            misses = []
+            for job in jobs:
+                found_now, (batch, vectors, bad), later = job.result()
+                misses += later
+                parts.append(pieces.deliver(list(found_now), np.array(list(found_now.values()),
+                                                                      dtype=np.float32)))
+                core.remember(self.cache, self.backend.identity(self.dimension.value), batch,
+                              vectors, bad)
+                for f in bad:
+                    failures += [self._failure(pieces, r, f.reason)
+                                 for r in pieces.fail(batch[f.position])]
+                good = [i for i in range(len(batch)) if i not in {f.position for f in bad}]
+                embedded += len(good)
+                parts.append(pieces.deliver([batch[i] for i in good], vectors[good]))
+            if misses:
+                time.sleep(CACHE_LEASE_POLL_S)
         if not self.table_ready and self.dimension.value:
             db.create_table(self.conn, self.target.table, self.target.id_col, self.target.text_col,
                             self.dimension.value)
             self.table_ready = True
         return Done.merge(parts), embedded, len(found)
+
+    def _embed(self, texts: list[str]):
+        """One batch: what another run cached meanwhile, ours embedded, theirs for later."""
+        found, mine, later = core.take_or_lease(
+            self.cache, self.backend.identity(self.dimension.value), texts)
+        batch = core.embed(self.backend, mine, sizer=self.sizer, dimension=self.dimension) \
+            if mine else ([], np.empty((0, 0), np.float32), [])
+        return found, batch, later
 
     @staticmethod
     def _failure(pieces: Pieces, row: int, reason: str) -> dict:

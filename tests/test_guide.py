@@ -1,4 +1,5 @@
 """Every Python snippet in GUIDE.md runs, so the guide cannot rot."""
+import os
 import re
 import subprocess
 import sys

@@ -7,9 +7,10 @@ import sys
 import pandas as pd
 import pytest
 
-from embed_helpers import db
+from embed_helpers import db, retrieval
 from embed_helpers.backends import get_backend
 from embed_helpers.constants import PROJECT_ROOT, SAMPLE_DIR
+from embed_helpers.core import Target
 from embed_helpers.workflow import ingest, open_cache, semantic_search
 
 SHARED_SYNTHEA = PROJECT_ROOT.parent / "shared" / "data" / "synthea"
@@ -22,12 +23,13 @@ def test_semantic_search_finds_the_known_abstracts(make_settings, conn, table):
     queries = pd.read_csv(SAMPLE_DIR / "pubmed" / "queries.csv", dtype=str)
     settings = make_settings(EMBED_BATCH_SIZE=64)
     backend = get_backend(settings)
-    report = ingest(abstracts, id_col="pmid", text_col="text", table=table, settings=settings,
-                    conn=conn, backend=backend, cache=open_cache(settings), progress=False)
+    target = Target(table, "pmid", "text")
+    report = ingest(abstracts, target, settings=settings, conn=conn, backend=backend,
+                    cache=open_cache(settings), progress=False)
     assert report.rows_written == len(abstracts)
-    db.create_hnsw_index(conn, table, report.dim)
+    retrieval.create_hnsw_index(conn, table, report.dim)
     found = sum(row.pmid in [hit[0] for hit in semantic_search(
-        conn, backend, table, "pmid", "text", row.query, k=10)] for row in queries.itertuples())
+        conn, backend, target, row.query, k=10)] for row in queries.itertuples())
     assert found / len(queries) >= 0.9
 
 
@@ -42,5 +44,7 @@ def test_full_synthea_ingest_from_the_cli_twice(tmp_path, conn, table):
         done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True,
                               timeout=600)
         assert done.returncode == 0, done.stderr
-        assert db.count_rows(conn, table) == {"rows": 543, "with_vector": 543, "dims": [384]}
+        counts = db.count_rows(conn, table)
+        assert (counts["rows"], counts["with_vector"], counts["dims"]) == (543, 543, [384])
+        assert counts["chunks"] > 0  # the contexts over the model's window, split
     assert "0 rows written, 543 unchanged" in done.stdout
