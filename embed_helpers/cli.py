@@ -226,6 +226,7 @@ def main(argv=None, started: float | None = None) -> int:
         if not args.file:
             parser.error(f"cache {args.action} needs a file: "
                          + ("--to FILE.jsonl" if args.action == "export" else "FILE.jsonl"))
+        args.file = str(Path(args.file).resolve())  # a shell user means from where they stand
     args.started = started or time.perf_counter()
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

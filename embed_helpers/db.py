@@ -258,18 +258,22 @@ def insert_one(conn, table: str, id_col: str, text_col: str, row_id: str, text: 
 
 
 @guarded("counting the rows of {table}")
-def count_rows(conn, table: str) -> dict:
-    """Rows, rows with a vector, the distinct dimensions stored, and chunks of long rows."""
+def count_rows(conn, table: str, ids: Iterable[str] | None = None, id_col: str = "id") -> dict:
+    """Rows, rows with a vector, the distinct dimensions stored, and chunks of long rows;
+    of the given ids only, when given (a run's own rows, in a table others write to too)."""
+    where = sql.SQL(" WHERE {id} = ANY(%(ids)s)") if ids is not None else sql.SQL("")
+    id_col = sql.Identifier(id_col)
+    params = {"ids": [str(i) for i in ids]} if ids is not None else {}
     with conn.cursor() as cur:
         cur.execute(sql.SQL("SELECT count(*), count(embedding), "
                             "array_agg(DISTINCT vector_dims(embedding)) FROM {t}").format(
-            t=sql.Identifier(table)))
+            t=sql.Identifier(table)) + where.format(id=id_col), params)
         rows, with_vector, dims = cur.fetchone()
         cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{table}_chunks",))
         chunks = 0
         if cur.fetchone()[0]:
             cur.execute(sql.SQL("SELECT count(*) FROM {t}").format(
-                t=sql.Identifier(f"{table}_chunks")))
+                t=sql.Identifier(f"{table}_chunks")) + where.format(id=id_col), params)
             chunks = cur.fetchone()[0]
     conn.rollback()
     return {"rows": rows, "with_vector": with_vector, "dims": sorted(d for d in dims or [] if d),

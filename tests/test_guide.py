@@ -25,5 +25,7 @@ def test_snippet_runs(index, tmp_path):
                             text=True, timeout=300,
                             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": env_path,
                                  "EMBED_CACHE_PATH": str(tmp_path / "cache.jsonl"),
+                                 "EMBED_RUNS_DIR": str(tmp_path / "runs"), "EMBED_ENV_FILE": "",
+                                 "DATABASE_URL": os.environ["DATABASE_URL"],
                                  "HOME": str(tmp_path)})
     assert result.returncode == 0, f"snippet {index} failed:\n{code}\n{result.stderr[-2000:]}"
