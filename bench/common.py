@@ -173,7 +173,8 @@ class Workspace:
             self.where = f"the embedded PostgreSQL ({os.path.relpath(base.EMBED_PGDATA, ROOT)})"
         self.name = f"embed_helpers_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
         with self.admin.cursor() as cur:
-            cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'embed_helpers_bench_%'")
+            cur.execute("SELECT datname FROM pg_database "
+                        "WHERE datname LIKE 'embed_helpers_bench_%'")
             for (stale,) in cur.fetchall():  # left by a killed benchmark
                 if not _pid_alive(int(stale.split("_")[3])):
                     cur.execute(f'DROP DATABASE IF EXISTS "{stale}" WITH (FORCE)')

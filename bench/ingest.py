@@ -1,7 +1,7 @@
 """Step 9 (per row) versus Step 9b (batched, pipelined) versus a direct client, on the fake
 server's latency profiles; and 100k cached rows written.
 
-    .venv/bin/python bench/ingest.py            # everything (about 3 minutes)
+    .venv/bin/python bench/ingest.py            # everything (about 1.5 minutes on 2 cores)
     .venv/bin/python bench/ingest.py --quick    # 200 abstracts, no 100k run (under a minute)
     .venv/bin/python bench/ingest.py --profile ollama-gpu
 
@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -35,7 +34,6 @@ from fake_server import PROFILES
 from embed_helpers import db
 from embed_helpers.backends import get_backend
 from embed_helpers.cache import EmbeddingCache
-from embed_helpers.config import load_settings
 from embed_helpers.core import Target
 from embed_helpers.identity import Identity
 from embed_helpers.workflow import ingest_per_row
@@ -92,7 +90,8 @@ def least_time(profile: str, texts: int, batch: int) -> float:
     """The server's least possible busy time for `texts` at `batch` (its latency model only)."""
     model = PROFILES[profile]
     waves = math.ceil(math.ceil(texts / batch) / model.slots)
-    return waves * model.per_request_ms / 1000 + math.ceil(texts / model.slots) * model.per_text_ms / 1000
+    per_slot = math.ceil(texts / model.slots)
+    return (waves * model.per_request_ms + per_slot * model.per_text_ms) / 1000
 
 
 def idle(server: FakeServer) -> str:
@@ -204,9 +203,10 @@ def big_run(ws: Workspace, n: int = 100_000) -> list:
                 "except SystemExit:\n    pass\n"
                 "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", code, "ingest", "--data", str(ws.tmp / "big.csv"),
-                               "--id-col", "pmid", "--text-col", "text", "--table", "bench_big",
-                               "-q", "--no-index", "--report", str(ws.tmp / "big.json")],
+        done = subprocess.run([sys.executable, "-c", code, "ingest", "--data",
+                               str(ws.tmp / "big.csv"), "--id-col", "pmid", "--text-col", "text",
+                               "--table", "bench_big", "-q", "--no-index",
+                               "--report", str(ws.tmp / "big.json")],
                               env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
         report = json.loads((ws.tmp / "big.json").read_text())

@@ -1,8 +1,8 @@
 """The Ray engine on 1, 2 and 4 servers against the local engine on one; and a written model
 of where the limit lies at 8, 32 and 128 GPUs, with this machine's write rates.
 
-    .venv/bin/python bench/scale.py            # 40,000 texts (about 4 minutes)
-    .venv/bin/python bench/scale.py --quick    # 4,000 texts (about a minute)
+    .venv/bin/python bench/scale.py            # 40,000 texts (about 4.5 minutes on 2 cores)
+    .venv/bin/python bench/scale.py --quick    # 4,000 texts (under a minute)
 
 Servers: the fake server's `ollama-gpu` profile (12 ms/request + 1.5 ms/text, one slot),
 32-dim vectors (small: the fakes' JSON encoding must not stand in for GPU time), each in a
@@ -91,7 +91,8 @@ def measure(ws: Workspace, servers, engine: str, source, n: int, base: dict,
         goal = TARGETS[len(servers)]
         target_text = f">= {goal}x: {'met' if round(speedup, 2) >= goal else 'MISSED'}"
     workers = " / ".join(str(w["rows"]) for w in report.workers.values()) if report.workers else ""
-    return [engine, len(servers), len(report.workers) or "", f"{stored:,} of {n:,}",
+    return [engine, len(servers), len(servers) if engine == "ray" else "",
+            len(report.workers) or "", f"{stored:,} of {n:,}",
             f"{wall:.1f}", f"{phase:.1f}", f"{n / phase:,.0f}", f"{speedup:.2f}x", target_text,
             " / ".join(f"{b:.0%}" for b in busy_shares(spans)), " / ".join(map(str, requests)),
             workers, "" if report.ray_startup_s is None else f"{report.ray_startup_s:.2f}",
@@ -178,33 +179,37 @@ fake writes them; Ollama has no base64) or {dec['b64']:,.0f} texts/s of base64
     rows = []
     for gpus in (8, 32, 128):
         a, b = gpus * lo, gpus * hi
-        gbit = lambda per: f"{a * per * 8 / 1e9:.1f}-{b * per * 8 / 1e9:.1f}"  # noqa: E731
+        rate = lambda per: f"{a * per * 8 / 1e9:.1f}-{b * per * 8 / 1e9:.1f}"  # noqa: E731
         rows.append([gpus, f"{a:,}-{b:,}", f"{a / copy_new:.1f}-{b / copy_new:.1f}",
                      f"{a / cache_put:.1f}-{b / cache_put:.1f}",
                      f"{a * per_text / 1e6:,.0f}-{b * per_text / 1e6:,.0f}",
-                     f"{a / server[1]:.1f}-{b / server[0]:.1f}", gbit(dec["b64_bytes"]),
-                     gbit(dec["json_bytes"]), f"{a / dec['json']:.0f}-{b / dec['json']:.0f}"])
+                     f"{a / server[1]:.1f}-{b / server[0]:.1f}", rate(dec["b64_bytes"]),
+                     rate(dec["json_bytes"]), f"{a / dec['json']:.0f}-{b / dec['json']:.0f}"])
     print_table(["GPUs", "texts/s", "table writes, in connections at the COPY rate here",
                  "cache writes, in connections at the put rate here",
                  "PostgreSQL MB/s (heap + WAL)", "PostgreSQL servers needed",
                  "network Gbit/s, base64", "network Gbit/s, JSON floats",
                  "cores to parse JSON floats"], rows)
+    gbit = lambda texts, per: texts * per * 8 / 1e9  # noqa: E731
+    b64, js = dec["b64_bytes"], dec["json_bytes"]
     print(f"""One worker (one GPU, up to {hi:,} texts/s) uses {hi / copy_new:.0%} of a connection
 at this machine's COPY rate and {hi / cache_put:.0%} at its cache rate, on connections of its
 own: no worker waits on its own writes. What all workers share is the one PostgreSQL server,
 written twice per text.
 
 - 8 GPUs: the GPUs are the limit. {8 * lo:,}-{8 * hi:,} texts/s is within one server's
-  {server[0]:,.0f}-{server[1]:,.0f}; the network carries {8 * hi * dec['b64_bytes'] * 8 / 1e9:.1f} Gbit/s at most in base64,
-  {8 * hi * dec['json_bytes'] * 8 / 1e9:.1f} in JSON floats.
-- 32 GPUs: {32 * lo:,}-{32 * hi:,} texts/s reaches one server's capacity: the database is the
-  limit in the upper half of the range, the cache table first (random-key B-tree inserts,
-  {cache_put:,.0f} rows/s per connection here). JSON floats from Ollama would cost
-  {32 * hi / dec['json']:.0f} cores of parsing and {32 * hi * dec['json_bytes'] * 8 / 1e9:.0f} Gbit/s; base64 {32 * hi * dec['b64_bytes'] * 8 / 1e9:.1f} Gbit/s.
-- 128 GPUs: {128 * lo:,}-{128 * hi:,} texts/s needs {128 * lo / server[1]:.0f}-{128 * hi / server[0]:.0f} such servers: the database is the
-  limit. Ways out: tables sharded over several databases, the cache on a server of its own
+  {server[0]:,.0f}-{server[1]:,.0f}; the network carries at most {gbit(8 * hi, b64):.1f} Gbit/s in
+  base64, {gbit(8 * hi, js):.1f} in JSON floats.
+- 32 GPUs: {32 * lo:,}-{32 * hi:,} texts/s. One server is the limit once a GPU does more
+  than {server[0] / 32:,.0f}-{server[1] / 32:,.0f} texts/s: the database, the cache table first
+  (random-key B-tree inserts, {cache_put:,.0f} rows/s per connection here). JSON floats from
+  Ollama would cost {32 * hi / dec['json']:.0f} cores of parsing and {gbit(32 * hi, js):.0f} Gbit/s;
+  base64 {gbit(32 * hi, b64):.1f} Gbit/s.
+- 128 GPUs: {128 * lo:,}-{128 * hi:,} texts/s needs
+  {128 * lo / server[1]:.0f}-{128 * hi / server[0]:.0f} such servers: the database is the limit.
+  Ways out: tables sharded over several databases, the cache on a server of its own
   (EMBED_CACHE_URL) or none for one-off loads; base64 on the wire
-  ({128 * hi * dec['b64_bytes'] * 8 / 1e9:.0f} Gbit/s in all, against {128 * hi * dec['json_bytes'] * 8 / 1e9:.0f} with JSON floats).
+  ({gbit(128 * hi, b64):.0f} Gbit/s in all, against {gbit(128 * hi, js):.0f} with JSON floats).
 """)
 
 
@@ -214,7 +219,7 @@ def main() -> None:
     args = parser.parse_args()
     n = 4000 if args.quick else 40_000
     import ray
-    import ray.data  # noqa: F401  before ingest_ray quiets its loggers (imported later, it re-arms them)
+    import ray.data  # noqa: F401  imported first, so that ingest_ray's quieter loggers stick
     with Workspace() as ws:
         print_header("Scale: the Ray engine", [
             f"data: {n:,} synthetic clinical notes (bench/common.py synthetic_texts)",
@@ -245,7 +250,8 @@ def main() -> None:
         print(f"Ray start-up: ray.init(num_cpus={os.cpu_count()}) here took {startup:.1f} s "
               f"(target <= 10 s: {'met' if startup <= 10 else 'MISSED'}); each run's "
               f"report.ray_startup_s is what it paid on top, Ray being up already.\n")
-        print_table(["engine", "servers", "workers", "rows in table", "wall s", "embedding phase s",
+        print_table(["engine", "servers", "EMBED_WORKERS", "workers in report", "rows in table",
+                     "wall s", "embedding phase s",
                      "texts/s (phase)", "speedup vs local x1", "target", "busy share per server",
                      "requests per server", "rows per worker", "report.ray_startup_s",
                      "rerun unchanged: requests, s"], rows)

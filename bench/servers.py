@@ -1,8 +1,8 @@
 """Several embedding servers in one run: one server versus two versus four, and one of two
 killed midway.
 
-    .venv/bin/python bench/servers.py            # 2,000 and 8,000 texts (about 1.5 minutes)
-    .venv/bin/python bench/servers.py --quick    # 2,000 texts (under a minute)
+    .venv/bin/python bench/servers.py            # 2,000 and 8,000 texts (under a minute)
+    .venv/bin/python bench/servers.py --quick    # 2,000 texts (about 10 s)
 
 Each run is a whole `python -m embed_helpers ingest` (start-up included) with OLLAMA_HOST
 set to the comma-separated servers, EMBEDDING_BACKEND=ollama, EMBED_BATCH_SIZE=512 and
@@ -39,7 +39,8 @@ def least_time(texts: int, servers: int) -> float:
     loads = [0.0] * servers
     sizes = [min(BATCH, texts - i) for i in range(0, texts, BATCH)]
     for size in sorted(sizes, reverse=True):
-        heapq.heapreplace(loads, loads[0] + (model.per_request_ms + model.per_text_ms * size) / 1000)
+        seconds = (model.per_request_ms + model.per_text_ms * size) / 1000
+        heapq.heapreplace(loads, loads[0] + seconds)
     return max(loads)
 
 
@@ -119,9 +120,9 @@ def killed_run(ws: Workspace, n: int) -> list:
             distinct, expected = cur.fetchone()
         ws.conn.rollback()
         servers_seen = report.get("servers", {})
-        per_server = " / ".join(
-            f"{servers_seen.get(s.url, {}).get('requests', '?')} ({servers_seen.get(s.url, {}).get('errors', '?')} failed)"
-            for s in servers)
+        seen = [servers_seen.get(s.url, {}) for s in servers]
+        per_server = " / ".join(f"{c.get('requests', '?')} ({c.get('errors', '?')} failed)"
+                                for c in seen)
         once = counts["rows"] == distinct == expected == n and counts["with_vector"] == n
         if proc.returncode != 0:
             print(f"killed run: exit {proc.returncode}\n{out}\n{err}", file=sys.stderr)
