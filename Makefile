@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+RAY_STAMP := $(VENV)/.installed-ray
+# Ray (about 600 MB with pyarrow) only where it is used: the tests, and ENGINE=ray runs.
+RUN_NEEDS := $(STAMP) $(if $(or $(findstring ENGINE=ray,$(PARAMS)),$(findstring ray,$(EMBED_ENGINE))),$(RAY_STAMP))
 
 .PHONY: run test bench venv clean notebook
 
@@ -13,21 +16,28 @@ $(STAMP): requirements.txt requirements-local.txt pyproject.toml
 	$(PY) -m pip install -qq --no-deps --no-build-isolation -e . || $(PY) -m pip install -qq --no-deps -e .
 	touch $(STAMP)
 
+$(RAY_STAMP): requirements-ray.txt $(STAMP)
+	$(PY) -m pip install -qq -r requirements-ray.txt
+	touch $(RAY_STAMP)
+
 venv: $(STAMP)
 
 ## Execute notebooks/run.ipynb with papermill into runs/run-<UTC time>.ipynb.
-run: $(STAMP)
+run: $(RUN_NEEDS)
 	$(PY) -m embed_helpers run $(if $(PARAMS),$(foreach p,$(PARAMS),--param $(p)))
 
 ## The whole suite: unit and integration tests, doctests, and nbval on the notebook.
-test: $(STAMP)
+test: $(STAMP) $(RAY_STAMP)
 	$(PY) -m pytest
 
 ## Benchmarks (print tables; see GUIDE.md).
-bench: $(STAMP)
+bench: $(STAMP) $(RAY_STAMP)
 	$(PY) bench/backends.py
 	$(PY) bench/ingest.py
 	$(PY) bench/cache.py
+	$(PY) bench/servers.py
+	$(PY) bench/scale.py
+	$(PY) bench/long_texts.py
 
 ## Re-execute notebooks/run.ipynb in place from a clean state (a new database and cache, as
 ## nbval has), to commit it with its outputs after changing it.

@@ -60,7 +60,7 @@ def write_cache(path: Path, n: int, seed: int = 0) -> list[str]:
             b64 = binascii.b2a_base64(vectors.astype("<f4").tobytes(), newline=False)
             block[:, vcol:vcol + DIM * 16 // 3] = np.frombuffer(b64, np.uint8).reshape(rows, -1)
             f.write(block.tobytes())
-            picks = rng.choice(rows, max(1, LOOKUP_KEYS * rows // n), replace=False)
+            picks = rng.choice(rows, min(rows, max(1, LOOKUP_KEYS * rows // n)), replace=False)
             sample += [bytes(k).hex() for k in keys[picks]]
         f.flush()
         os.fsync(f.fileno())
@@ -96,7 +96,7 @@ def child(path: str, keys_file: str) -> None:
     for name, batch_keys in (("hits", keys), ("misses", misses)):
         start = time.perf_counter()
         for lo in range(0, len(batch_keys), LOOKUP_BATCH):
-            cache.get_many(batch_keys[lo:lo + LOOKUP_BATCH])
+            cache.read_keys(batch_keys[lo:lo + LOOKUP_BATCH])
         timings[name] = len(batch_keys) / (time.perf_counter() - start)
     assert cache.stats.hits == len(keys), cache.stats
     print(json.dumps({"entries": len(cache), "load_s": load_s, "peak_mb": peak,

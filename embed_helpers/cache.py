@@ -7,6 +7,7 @@ The format is in `cache_format`; the PostgreSQL store, with the same methods, in
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -23,8 +24,6 @@ from .cache_io import flocked, lock_current, raw_chunks, scan_records
 from .config import _path, relative
 from .constants import READ_SPAN_BYTES
 from .identity import Identity
-
-__all__ = ["CacheStats", "EmbeddingCache"]
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +125,14 @@ class EmbeddingCache:
     def get_many(self, identity: Identity, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Cached vectors of `texts` under `identity` (float32); counts hits and misses."""
         by_key = dict(zip(identity.keys(texts), texts))
+        return {by_key[k]: v for k, v in self.read_keys(list(by_key)).items()}
+
+    def read_keys(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """Cached vectors by cache key (`Identity.key`); counts hits and misses."""
         with self._lock:
             self._refresh()
-            wanted = []
-            for key in by_key:
+            wanted, asked = [], set(keys)
+            for key in asked:
                 offset = self._index.get(digest(key))
                 if offset is not None:
                     wanted.append((offset, key))
@@ -140,9 +143,9 @@ class EmbeddingCache:
                     self._skipped += 1
                     log.warning("cache %s: bad vector at byte %d, ignored", self.path, offset)
                 else:
-                    found[by_key[key]] = vector
+                    found[key] = vector
             self._hits += len(found)
-            self._misses += len(by_key) - len(found)
+            self._misses += len(asked) - len(found)
             return found
 
     def contains(self, identity: Identity, texts: Sequence[str]) -> set[str]:
@@ -265,8 +268,7 @@ class EmbeddingCache:
     @property
     def stats(self) -> CacheStats:
         with self._lock:
-            return CacheStats(len(self._index), self._hits, self._misses, self._written,
-                              self._skipped)
+            return CacheStats(len(self._index), self._hits, self._misses, self._written, self._skipped)
 
     def __len__(self) -> int:
         with self._lock:
@@ -290,10 +292,8 @@ class EmbeddingCache:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
-        except Exception:  # interpreter shutdown
-            pass
 
     def __repr__(self) -> str:
         return f"<EmbeddingCache {relative(self.path)} entries={len(self._index)}>"

@@ -18,6 +18,7 @@ import numpy as np
 import psycopg2
 
 from .cache_format import text_sha256, variant_sha256
+from .constants import CACHE_LEASE_MAX_S
 from .config import Settings, mask_url
 from .db_guard import guarded
 from .identity import Identity
@@ -82,7 +83,8 @@ class PostgresCache:
         self.conn = db.connect(where)
         self.conn.autocommit = False
         self.owner = uuid.uuid4().hex
-        self.lease_s = 2 * settings.EMBEDDING_TIMEOUT
+        # Long enough for a batch in flight; a run that died frees its texts after it.
+        self.lease_s = min(2 * settings.EMBEDDING_TIMEOUT, CACHE_LEASE_MAX_S)
         self._lock = threading.RLock()
         self.hits = self.misses = self.written = 0
         with self._lock:
@@ -115,8 +117,8 @@ class PostgresCache:
 
     def lease(self, identity: Identity, texts: Sequence[str]) -> set[str]:
         """The texts this run may embed now: those no other run holds a live lease on (a
-        lease lasts 2 x EMBEDDING_TIMEOUT, and storing the vectors ends it). Two runs at the
-        same time so never pay for the same batch twice."""
+        lease lasts 2 x EMBEDDING_TIMEOUT, at most CACHE_LEASE_MAX_S, and storing the vectors
+        ends it). Two runs at the same time so never pay for the same batch twice."""
         by_key = {bytes.fromhex(k): t for k, t in zip(identity.keys(texts), texts)}
         with self._lock:
             rows = _lease(self.conn, {"o": self.owner, "s": self.lease_s, "k": list(by_key)})

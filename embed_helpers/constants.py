@@ -115,8 +115,6 @@ CACHE_TRANSFER_ROWS = 5000
 #: each), holds this many batches of EMBED_BATCH_SIZE: enough to keep a worker's requests
 #: in flight, few enough that a worker killed mid-block costs little to redo.
 RAY_BATCHES_PER_BLOCK = 4
-#: Rows per block read from a file; files are streamed, never read whole.
-RAY_READ_ROWS = 4096
 #: CPUs a worker of an HTTP backend asks Ray for: it mostly waits for its servers.
 RAY_HTTP_WORKER_CPUS = 0.25
 #: CPUs a file reader asks for (not the workers' share: see engine_ray._dataset).
@@ -127,3 +125,6 @@ RAY_OBJECT_STORE_BYTES = 200_000_000
 # The shared cache (embed_helpers.cache_pg)
 #: How long to wait before looking again for texts another run is embedding right now.
 CACHE_LEASE_POLL_S = 0.25
+#: The longest a run holds the texts it is embedding (2 x EMBEDDING_TIMEOUT up to this):
+#: the most another run waits for the texts of a run that died holding them.
+CACHE_LEASE_MAX_S = 60.0

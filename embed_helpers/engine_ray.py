@@ -24,7 +24,7 @@ from . import core, db
 from .claims import claimed, create_claims_table, release_claims
 from .config import Settings
 from .constants import (RAY_BATCHES_PER_BLOCK, RAY_HTTP_WORKER_CPUS, RAY_OBJECT_STORE_BYTES,
-                        RAY_READ_ROWS, RAY_READER_CPUS)
+                        RAY_READER_CPUS)
 from .errors import ConfigError, EmbedHelpersError
 from .report import RunReport, write_failures
 from .worker import BlockWorker
@@ -56,12 +56,15 @@ def ingest_ray(source, target: core.Target, *, settings: Settings, progress: boo
         db.create_table(conn, target.table, target.id_col, target.text_col, dim)
     run = uuid.uuid4().hex
     workers, resources = _workers(ray, settings, servers)
-    dataset = _dataset(ray, source, target, limit).map_batches(
+    block = RAY_BATCHES_PER_BLOCK * settings.EMBED_BATCH_SIZE
+    numbers = ray.remote(num_cpus=0)(_Numbers).remote()  # worker i starts at server i
+    dataset = _dataset(ray, source, target, limit, block).map_batches(
         BlockWorker, fn_constructor_kwargs=dict(settings=settings, target=target, run=run,
                                                 dim=dim, dim_source=source_of_dim,
                                                 concurrency=max(1, settings.EMBED_MAX_CONCURRENCY
-                                                                * servers // workers)),
-        batch_size=RAY_BATCHES_PER_BLOCK * settings.EMBED_BATCH_SIZE, batch_format="numpy",
+                                                                * servers // workers),
+                                                numbers=numbers),
+        batch_size=block, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers), **resources)
     report = RunReport(table=target.table, engine="ray", backend=settings.EMBEDDING_BACKEND,
                        dim=dim or 0, batch_size=settings.EMBED_BATCH_SIZE,
@@ -93,8 +96,9 @@ def _start(ray, settings: Settings) -> float:
     """Join RAY_ADDRESS's cluster (shipping this package to it), or start a local Ray;
     a Ray already started in this process (a notebook, the tests) is used as it is."""
     t0 = time.perf_counter()
-    for name in ("ray", "ray.data"):  # its INFO lines would bury the run's own output
-        logging.getLogger(name).setLevel(logging.WARNING)
+    import ray.data  # noqa: F401  (importing it sets its loggers: quiet them after)
+    for name in ("ray", "ray.data"):  # their INFO lines would bury the run's own output
+        logging.getLogger(name).setLevel(logging.ERROR)
     if not ray.is_initialized():
         if settings.RAY_ADDRESS:
             ray.init(address=settings.RAY_ADDRESS, log_to_driver=False,
@@ -120,21 +124,36 @@ def _workers(ray, settings: Settings, servers: int) -> tuple[int, dict]:
     return settings.EMBED_WORKERS or servers, {"num_cpus": RAY_HTTP_WORKER_CPUS}
 
 
-def _dataset(ray, source, target: core.Target, limit: int | None):
-    """Rows as (id, text, seq): seq is the position in the input (files in name order),
-    so duplicate ids resolve to the last one whichever block holds it."""
+class _Numbers:
+    """0, 1, 2...: an index for each worker (a Ray actor), so that workers spread over the
+    servers deterministically."""
+
+    def __init__(self):
+        self.count = -1
+
+    def next(self) -> int:
+        self.count += 1
+        return self.count
+
+
+def _dataset(ray, source, target: core.Target, limit: int | None, block: int):
+    """Rows as (id, text, seq) in blocks of `block` rows, one per worker task: seq is the
+    position in the input (files in name order), so duplicate ids resolve to the last one
+    whichever block holds it."""
     if isinstance(source, (str, Path)):
         files = _files(Path(source))
         ds = ray.data.from_items([{"path": str(p), "file": i} for i, p in enumerate(files)])
         # Its own CPU share, unlike the workers', so that Ray does not fuse reading into the
         # workers: a single file would then be read, and embedded, by one worker alone.
         ds = ds.map_batches(_read_files, batch_size=1, num_cpus=RAY_READER_CPUS,
-                            fn_kwargs={"id_col": target.id_col, "text_col": target.text_col})
+                            fn_kwargs={"id_col": target.id_col, "text_col": target.text_col,
+                                       "block": block})
     else:
         import pandas as pd
         ids, texts = list(source[target.id_col]), list(source[target.text_col])
         ds = ray.data.from_pandas(pd.DataFrame({"id": [None if i is None else str(i) for i in ids],
                                                 "text": texts, "seq": np.arange(len(ids))}))
+        ds = ds.repartition(max(1, -(-len(ids) // block)))  # one block would go to one worker
     return ds.limit(limit) if limit else ds
 
 
@@ -148,21 +167,21 @@ def _files(path: Path) -> list[Path]:
     return files
 
 
-def _read_files(batch: dict, id_col: str, text_col: str):
-    """Stream one file in blocks of RAY_READ_ROWS rows (a generator: never whole in memory)."""
+def _read_files(batch: dict, id_col: str, text_col: str, block: int):
+    """Stream one file in blocks of `block` rows (a generator: never whole in memory)."""
     for path, number in zip(batch["path"], batch["file"]):
         base = int(number) << 40
         if str(path).lower().endswith(".parquet"):
             import pyarrow.parquet as pq
             first = 0
-            for chunk in pq.ParquetFile(path).iter_batches(RAY_READ_ROWS, columns=[id_col, text_col]):
+            for chunk in pq.ParquetFile(path).iter_batches(block, columns=[id_col, text_col]):
                 ids = [None if v is None else str(v) for v in chunk.column(id_col).to_pylist()]
                 yield {"id": ids, "text": chunk.column(text_col).to_pylist(),
                        "seq": base + first + np.arange(len(ids))}
                 first += len(ids)
         else:
             from .csv_rows import iter_csv_columns
-            for ids, texts, first in iter_csv_columns(path, id_col, text_col, RAY_READ_ROWS):
+            for ids, texts, first in iter_csv_columns(path, id_col, text_col, block):
                 yield {"id": ids, "text": texts, "seq": base + first + np.arange(len(ids))}
 
 

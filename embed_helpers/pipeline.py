@@ -107,6 +107,10 @@ class _Run:
             self.report.timeline.append([round(self.now(), 3), self.report.rows_written,
                                          round(latency, 3) if latency >= 0 else None])
             self.bar.update(len(done.rows))
+            if latency >= 0 and len(servers := self.backend.stats().get("servers", {})) > 1:
+                self.bar.set_postfix_str(" ".join(  # requests and mean latency per server
+                    f"{url.split('//')[-1]}:{s['requests']}req/{s['mean_latency_s'] or 0:.2f}s"
+                    for url, s in servers.items()), refresh=False)
 
     def write_cached(self, chunks: list[list[str]], embed) -> None:
         """Its own thread and connection: rows whose vectors are cached. The next chunk is
@@ -184,6 +188,8 @@ def run_plan(plan: Plan, *, conn, backend, cache, settings, progress: bool = Tru
             pending = _one_pass(pending, plan, backend, sizer, pool, writer, writes, embed,
                                 lambda *result: run.finish_batch(conn, *result))
             if pending:  # another run holds them: its vectors will be in the cache shortly
+                log.info("%d texts are being embedded by another run: waiting for its vectors",
+                         len(pending))
                 time.sleep(CACHE_LEASE_POLL_S)
         for job in writes + ([side_job] if side_job else []):
             job.result()

@@ -27,15 +27,16 @@ class BlockWorker:
     """A Ray Data actor: `map_batches(BlockWorker, fn_constructor_kwargs=...)`."""
 
     def __init__(self, settings, target: core.Target, run: str, dim: int | None, dim_source: str,
-                 concurrency: int):
+                 concurrency: int, numbers):
         import ray
 
         from .backends import get_backend
         from .cache_tools import open_cache
         self.settings, self.target, self.run = settings, target, run
-        self.name = ray.get_runtime_context().get_actor_id()[-8:]
-        # Workers start at different servers of OLLAMA_HOST / OPENAI_BASE_URL.
-        self.backend = get_backend(settings, server_offset=int(self.name, 16))
+        index = ray.get(numbers.next.remote())
+        self.name = f"worker-{index}"
+        # Worker i starts at server i of OLLAMA_HOST / OPENAI_BASE_URL.
+        self.backend = get_backend(settings, server_offset=index)
         self.conn = db.connect(settings)
         self.cache = open_cache(settings)
         self.window = self.backend.window

@@ -179,8 +179,9 @@ def test_a_killed_driver_then_a_rerun_embeds_only_what_is_missing(make, conn, ta
         data = tmp_path / "in.csv"
         n = 25 * BLOCK
         frame(n).to_csv(data, index=False)
+        # A short EMBEDDING_TIMEOUT: the killed run's leases on its texts in flight end soon.
         env = dict(os.environ, EMBEDDING_BACKEND="ollama", OLLAMA_HOST=a.url,
-                   EMBED_BATCH_SIZE=str(BATCH), EMBED_MAX_CONCURRENCY="2",
+                   EMBED_BATCH_SIZE=str(BATCH), EMBED_MAX_CONCURRENCY="2", EMBEDDING_TIMEOUT="2",
                    EMBED_CACHE_BACKEND="postgres", EMBED_CACHE_URL=str(settings.EMBED_CACHE_URL),
                    RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONPATH=str(PROJECT_ROOT))
         args = [sys.executable, "-m", "embed_helpers", "ingest", "--data", str(data), "--id-col",
