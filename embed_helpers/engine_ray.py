@@ -65,7 +65,9 @@ def ingest_ray(source, target: core.Target, *, settings: Settings, progress: boo
                                                                 * servers // workers),
                                                 numbers=numbers),
         batch_size=block, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=workers), **resources)
+        # One block per worker at a time: a worker that started first must not queue them all.
+        compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
+        **resources)
     report = RunReport(table=target.table, engine="ray", backend=settings.EMBEDDING_BACKEND,
                        dim=dim or 0, batch_size=settings.EMBED_BATCH_SIZE,
                        concurrency=settings.EMBED_MAX_CONCURRENCY,
@@ -153,8 +155,11 @@ def _dataset(ray, source, target: core.Target, limit: int | None, block: int):
         ids, texts = list(source[target.id_col]), list(source[target.text_col])
         ds = ray.data.from_pandas(pd.DataFrame({"id": [None if i is None else str(i) for i in ids],
                                                 "text": texts, "seq": np.arange(len(ids))}))
-        ds = ds.repartition(max(1, -(-len(ids) // block)))  # one block would go to one worker
-    return ds.limit(limit) if limit else ds
+    if limit:
+        ds = ds.limit(limit)
+    # Blocks of `block` rows, each its own input: else what one read task (or the one
+    # DataFrame) yields would go to one worker as one bundle.
+    return ds.repartition(target_num_rows_per_block=block)
 
 
 def _files(path: Path) -> list[Path]:
