@@ -17,6 +17,7 @@ from psycopg2.extensions import make_dsn
 
 from embed_helpers.config import load_settings
 from embed_helpers.constants import PROJECT_ROOT
+from embed_helpers.pg_embedded import pid_alive
 
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="embed-helpers-test-"))
@@ -45,7 +46,7 @@ def _session_database() -> str:
     with admin.cursor() as cur:
         cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'embed_helpers_test_%'")
         for (stale,) in cur.fetchall():  # left by a killed session
-            if not _pid_alive(int(stale.split("_")[3])):
+            if not pid_alive(int(stale.split("_")[3])):
                 cur.execute(f'DROP DATABASE IF EXISTS "{stale}" WITH (FORCE)')
         cur.execute(f'CREATE DATABASE "{name}"')
     dsn = make_dsn(base, dbname=name)
@@ -58,13 +59,6 @@ def _session_database() -> str:
     return dsn
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

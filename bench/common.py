@@ -34,6 +34,7 @@ from psycopg2.extensions import make_dsn  # noqa: E402
 
 from embed_helpers import db  # noqa: E402
 from embed_helpers.config import SPEC, load_settings  # noqa: E402
+from embed_helpers.pg_embedded import pid_alive  # noqa: E402
 from embed_helpers.report import merge_intervals  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -176,7 +177,7 @@ class Workspace:
             cur.execute("SELECT datname FROM pg_database "
                         "WHERE datname LIKE 'embed_helpers_bench_%'")
             for (stale,) in cur.fetchall():  # left by a killed benchmark
-                if not _pid_alive(int(stale.split("_")[3])):
+                if not pid_alive(int(stale.split("_")[3])):
                     cur.execute(f'DROP DATABASE IF EXISTS "{stale}" WITH (FORCE)')
             cur.execute(f'CREATE DATABASE "{self.name}"')
         self.dsn = make_dsn(url, dbname=self.name)
@@ -214,16 +215,6 @@ class Workspace:
             cur.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
         self.admin.close()
         self._tmp.cleanup()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def cli_ingest(csv: Path, table: str, env: dict, report: Path, *, id_col: str = "id",

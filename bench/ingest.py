@@ -54,6 +54,7 @@ SCENARIOS = {
 #: our CLI) so that both pay Python's start, their imports and reading the CSV.
 DIRECT_CLIENT = """
 import base64, csv, sys
+from concurrent.futures import ThreadPoolExecutor
 import numpy as np, requests
 path, url, backend, batch, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 with open(path, newline="") as f:

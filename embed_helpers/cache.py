@@ -22,7 +22,7 @@ import numpy as np
 from .cache_format import digest, encode_line, index_chunk, vector_at
 from .cache_io import flocked, lock_current, raw_chunks, scan_records
 from .config import _path, relative
-from .constants import READ_SPAN_BYTES
+from .constants import READ_GAP_BYTES, READ_SPAN_BYTES
 from .identity import Identity
 
 log = logging.getLogger(__name__)
@@ -167,13 +167,14 @@ class EmbeddingCache:
                            if (r, m, n) == (route, model, normalized)})
 
     def _read_many(self, wanted: list[tuple[int, str]]):
-        """(offset, key, vector or None) for offsets in file order, reading nearby lines
-        with one pread per span instead of one per line."""
+        """(offset, key, vector or None) in file order: one pread per span of nearby lines
+        (lines far apart are read alone: a span must not fetch megabytes for two lines)."""
         longest = max(self._max_line, 4096)
         i = 0
         while i < len(wanted):
             start, j = wanted[i][0], i
-            while j + 1 < len(wanted) and wanted[j + 1][0] + longest - start <= READ_SPAN_BYTES:
+            while j + 1 < len(wanted) and wanted[j + 1][0] - wanted[j][0] <= READ_GAP_BYTES \
+                    and wanted[j + 1][0] + longest - start <= READ_SPAN_BYTES:
                 j += 1
             buf = os.pread(self._fd, wanted[j][0] + longest - start, start)
             for offset, key in wanted[i:j + 1]:
@@ -273,7 +274,7 @@ class EmbeddingCache:
     def __len__(self) -> int:
         with self._lock:
             self._refresh()
-            return len(self._index)
+        return len(self._index)
 
     def __contains__(self, key: object) -> bool:
         with self._lock:

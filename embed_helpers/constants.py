@@ -103,8 +103,10 @@ OPENAI_COMPATIBLE_DEFAULT_INPUT_TOKENS = 8191
 # The JSONL cache (embed_helpers.cache, embed_helpers.cache_format)
 #: Bytes read per step when scanning the file: memory stays bounded whatever its size.
 SCAN_CHUNK_BYTES = 8 << 20
-#: get_many reads lines that lie within this many bytes of each other in one call.
+#: get_many reads nearby lines in one call of at most this many bytes, joining a line to
+#: the span only when it starts within READ_GAP_BYTES of the one before.
 READ_SPAN_BYTES = 8 << 20
+READ_GAP_BYTES = 64 << 10
 #: Texts the doctor checks at most, evenly spread over the ones it is given.
 DOCTOR_SAMPLE = 20
 #: Rows per statement when `cache import` / `cache export` move entries.

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 _uris: dict[Path, str] = {}
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process runs (a handle, or a test session, that may still need the server)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -44,7 +45,7 @@ def _forget_dead_handles(pgdata: Path) -> None:
         pids = json.loads(handles.read_text() or "[]")
     except ValueError:
         pids = []
-    alive = [pid for pid in pids if _pid_alive(pid)]
+    alive = [pid for pid in pids if pid_alive(pid)]
     if alive != pids:
         log.info("embedded PostgreSQL: forgetting %d dead handle(s)", len(pids) - len(alive))
         handles.write_text(json.dumps(alive))
