@@ -36,7 +36,7 @@ def ray_address():
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_command_runs(command, tmp_path, fake_server, ray_address):
+def test_command_runs(command, tmp_path, fake_server, ray_address, fresh_database):
     argv = shlex.split(command)
     tool = Path(argv[0]).name  # .venv/bin/python, .venv/bin/papermill: this environment's
     argv[0] = sys.executable if tool == "python" else str(BIN / tool)
@@ -44,6 +44,7 @@ def test_command_runs(command, tmp_path, fake_server, ray_address):
     argv = [str(tmp_path / a) if a in outputs else a for a in argv]
     env = dict(os.environ, EMBEDDING_BACKEND="ollama", OLLAMA_HOST=fake_server.url,
                EMBED_CACHE_PATH=str(tmp_path / "cache.jsonl"), RAY_ADDRESS=ray_address,
+               DATABASE_URL=fresh_database,  # the default tables of the commands, of their own
                PYTHONPATH=str(PROJECT_ROOT))
     done = subprocess.run(argv, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
                           timeout=600)

@@ -186,7 +186,9 @@ def test_a_server_stopped_mid_run_is_set_aside_and_the_other_takes_its_batches(p
     assert not result.failures and sleeps == []  # another server was ready: no wait
     np.testing.assert_array_equal(result.vectors, expected(TEXTS))
     assert stats[url_of(b, name)]["set_aside"] == 1
-    assert a.total_texts() + b.total_texts() == len(TEXTS)  # none lost, none paid twice
+    # None lost; paid twice at most for the batch b was answering when it died (its reply
+    # never arrived, so that batch went to a as well).
+    assert len(TEXTS) <= a.total_texts() + b.total_texts() <= len(TEXTS) + 20
     assert a.total_texts() > len(TEXTS) / 2
 
 
