@@ -20,7 +20,7 @@ import psycopg2
 from .cache_format import text_sha256, variant_sha256
 from .constants import CACHE_LEASE_MAX_S
 from .config import Settings, mask_url
-from .db_guard import guarded
+from .db_guard import create_racing, guarded
 from .identity import Identity
 
 log = logging.getLogger(__name__)
@@ -238,13 +238,7 @@ class PostgresCache:
 
 @guarded("creating the cache table")
 def _create(conn) -> None:
-    try:
-        with conn.cursor() as cur:
-            cur.execute(SCHEMA)
-        conn.commit()
-    except (psycopg2.errors.UniqueViolation, psycopg2.errors.DuplicateTable,
-            psycopg2.errors.DuplicateObject):
-        conn.rollback()  # another machine created it at the same moment
+    create_racing(conn, SCHEMA)  # another machine may create it at the same moment
 
 
 @guarded("reading the cache table")

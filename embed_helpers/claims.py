@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import psycopg2
-
-from .db_guard import guarded
+from .db_guard import create_racing, guarded
 
 CLAIMS_TABLE = "embed_helpers_claims"
 
@@ -22,15 +20,9 @@ CLAIMS_TABLE = "embed_helpers_claims"
 def create_claims_table(conn) -> None:
     """Which input position of each id is the latest, per distributed run: duplicate ids
     spread over blocks on several workers still resolve to the last one in input order."""
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"CREATE TABLE IF NOT EXISTS {CLAIMS_TABLE} (run text NOT NULL, "
+    create_racing(conn, f"CREATE TABLE IF NOT EXISTS {CLAIMS_TABLE} (run text NOT NULL, "
                         f"id text NOT NULL, seq bigint NOT NULL, "
                         f"claimed_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (run, id))")
-        conn.commit()
-    except (psycopg2.errors.UniqueViolation, psycopg2.errors.DuplicateTable,
-            psycopg2.errors.DuplicateObject):
-        conn.rollback()
 
 
 def claim_in_transaction(cur, run: str, ids: Sequence[str], seqs: Sequence[int]) -> set[str]:

@@ -21,7 +21,7 @@ from .config import Settings, mask_url
 from .constants import LOOKUP_CHUNK_IDS
 from .claims import keep_latest
 from .copy_format import chunks_payload, copy_new_rows, copy_rows, rows_payload
-from .db_guard import EXTERNAL, check_once, guarded
+from .db_guard import EXTERNAL, check_once, create_racing, guarded
 from .errors import DatabaseError, DataError
 
 log = logging.getLogger(__name__)
@@ -123,16 +123,8 @@ def _create(conn, table: str, dim: int, statement: sql.Composable) -> None:
         raise DataError(f"Table {table} stores vectors of dimension {existing}, but the model "
                         f"gives {dim}. Use another TABLE_NAME (or --table), or drop the table "
                         "if its vectors came from another model.")
-    if existing is not None:
-        return
-    try:
-        with conn.cursor() as cur:
-            cur.execute(statement)
-        conn.commit()
-    except (psycopg2.errors.UniqueViolation, psycopg2.errors.DuplicateTable,
-            psycopg2.errors.DuplicateObject):
-        conn.rollback()  # another worker created it at the same moment: IF NOT EXISTS races
-        _create(conn, table, dim, statement)
+    if existing is None and not create_racing(conn, statement):
+        _create(conn, table, dim, statement)  # another worker's: check its dimension
 
 
 @guarded("reading which rows of {table} are stored")

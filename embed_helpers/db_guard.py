@@ -99,6 +99,20 @@ def guarded(what: str) -> Callable:
     return decorate
 
 
+def create_racing(conn, statement) -> bool:
+    """Run a CREATE ... IF NOT EXISTS and commit; False when another worker created the same
+    thing at the same moment (IF NOT EXISTS does not cover that race: PostgreSQL raises)."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement)
+        conn.commit()
+        return True
+    except (psycopg2.errors.UniqueViolation, psycopg2.errors.DuplicateTable,
+            psycopg2.errors.DuplicateObject):
+        conn.rollback()
+        return False
+
+
 def _rollback(conn) -> None:
     try:
         conn.rollback()
