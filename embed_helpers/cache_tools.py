@@ -32,8 +32,10 @@ def _postgres(settings: Settings):
 
 
 def open_cache(settings: Settings):
-    """The cache store EMBED_CACHE_BACKEND names, announced with its size."""
-    store = STORES[settings.EMBED_CACHE_BACKEND](settings)
+    """The cache store EMBED_CACHE_BACKEND names (under EMBED_ENGINE=ray always the shared
+    PostgreSQL table, which the workers use: see `engine_ray`), announced with its size."""
+    kind = "postgres" if settings.EMBED_ENGINE == "ray" else settings.EMBED_CACHE_BACKEND
+    store = STORES[kind](settings)
     log.info("embedding cache: %s", store.describe())
     return store
 

@@ -42,8 +42,21 @@ def ingest_ray(source, target: core.Target, *, settings: Settings, progress: boo
                     "machines; the Ray engine uses the PostgreSQL cache table instead "
                     "(EMBED_CACHE_URL, else the run's database)", settings.EMBED_CACHE_BACKEND)
         settings = replace(settings, EMBED_CACHE_BACKEND="postgres")
-    started = time.perf_counter()
+    started, ours = time.perf_counter(), not ray.is_initialized()
     startup = _start(ray, settings)
+    try:
+        report = _run(ray, source, target, settings, progress, limit)
+    finally:
+        if ours:  # a Ray started for this run ends with it (a notebook kernel is then
+            ray.shutdown()  # stopped cleanly, not with Ray's SIGTERM stack trace)
+    report.finish_timing(time.perf_counter() - started, [], [])
+    report.ray_startup_s = round(startup, 2)
+    return report
+
+
+def _run(ray, source, target: core.Target, settings: Settings, progress: bool,
+         limit: int | None) -> RunReport:
+    """Set up the claims and the table, run the workers over the blocks, collect."""
     conn = db.connect(settings)
     create_claims_table(conn)
     from .backends import get_backend
@@ -79,8 +92,6 @@ def ingest_ray(source, target: core.Target, *, settings: Settings, progress: boo
     release_claims(conn, run)
     report.failures_path = write_failures(failures, settings.EMBED_RUNS_DIR)
     report.rows_failed = len(failures)
-    report.finish_timing(time.perf_counter() - started, [], [])
-    report.ray_startup_s = round(startup, 2)
     conn.close()
     return report
 
