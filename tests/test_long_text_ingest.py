@@ -110,7 +110,7 @@ def test_search_finds_a_long_row_by_its_best_chunk(settings, conn, table, fake_s
 def test_request_token_budget_is_kept_and_every_row_lands(fake_server, make_settings, conn, table):
     fake_server.max_tokens_per_request = 600
     s = make_settings(EMBEDDING_BACKEND="llm_api", OPENAI_BASE_URL=fake_server.openai_url,
-                      OPENAI_API_KEY="test-key-budget", EMBED_BATCH_SIZE=64,
+                      EMBED_BATCH_SIZE=64,
                       EMBED_MAX_TOKENS_PER_REQUEST=600)
     df = pd.DataFrame({"id": [f"b{i}" for i in range(120)],
                        "text": [record(i, 3) for i in range(120)]})
