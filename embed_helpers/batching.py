@@ -91,7 +91,7 @@ def _embed_texts(texts: list[str], backend, settings, cache) -> EmbedResult:
     failed.update({i: ("empty text: nothing to embed", None) for i, t in enumerate(texts)
                    if not t.strip()})
     hits = core.look_up(cache, backend.identity(dimension.value), pieces.texts)
-    done = [pieces.deliver(list(hits), np.array(list(hits.values()), dtype=np.float32))]
+    done = [pieces.deliver_found(hits)]
     embedded = _embed_misses([t for t in pieces.texts if t not in hits], pieces, backend,
                              settings, cache, dimension, done, failed, keep)
     vectors = np.full((len(texts), dimension.value or 0), np.nan, dtype=np.float32)
@@ -117,13 +117,12 @@ def _embed_misses(misses: list[str], pieces: Pieces, backend, settings, cache,
         futures = [pool.submit(core.embed, backend, batch, sizer=sizer, dimension=dimension)
                    for batch in core.batches(misses, sizer.size, tokens, budget)]
         for future in as_completed(futures):
-            batch, vectors, failures = future.result()
-            core.remember(cache, backend.identity(dimension.value), batch, vectors, failures)
-            for f in failures:
-                failed.update((keep[r], (f.reason, f.status)) for r in pieces.fail(batch[f.position]))
-            good = [i for i in range(len(batch)) if i not in {f.position for f in failures}]
-            embedded += len(good)
-            done.append(pieces.deliver([batch[i] for i in good], vectors[good]))
+            settled = core.settle(cache, backend.identity(dimension.value), pieces,
+                                  *future.result())
+            for rows, f in settled.lost:
+                failed.update((keep[r], (f.reason, f.status)) for r in rows)
+            embedded += settled.embedded
+            done.append(settled.done)
     return embedded
 
 

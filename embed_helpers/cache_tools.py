@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from collections import Counter
 from pathlib import Path
 
@@ -31,11 +32,22 @@ def _postgres(settings: Settings):
     return PostgresCache(settings)
 
 
+def for_engine(settings: Settings) -> Settings:
+    """The settings with the cache store the engine can use: under EMBED_ENGINE=ray always
+    the PostgreSQL table, since a cache file cannot be shared by workers on several
+    machines (said once, when another store is configured)."""
+    if settings.EMBED_ENGINE != "ray" or settings.EMBED_CACHE_BACKEND == "postgres":
+        return settings
+    log.warning("EMBED_CACHE_BACKEND=%s: a cache file cannot be shared by workers on several "
+                "machines; the Ray engine uses the PostgreSQL cache table instead "
+                "(EMBED_CACHE_URL, else the run's database)", settings.EMBED_CACHE_BACKEND)
+    return replace(settings, EMBED_CACHE_BACKEND="postgres")
+
+
 def open_cache(settings: Settings):
-    """The cache store EMBED_CACHE_BACKEND names (under EMBED_ENGINE=ray always the shared
-    PostgreSQL table, which the workers use: see `engine_ray`), announced with its size."""
-    kind = "postgres" if settings.EMBED_ENGINE == "ray" else settings.EMBED_CACHE_BACKEND
-    store = STORES[kind](settings)
+    """The cache store EMBED_CACHE_BACKEND names (see `for_engine`), announced."""
+    settings = for_engine(settings)
+    store = STORES[settings.EMBED_CACHE_BACKEND](settings)
     log.info("embedding cache: %s", store.describe())
     return store
 

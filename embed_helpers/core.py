@@ -1,6 +1,7 @@
 """The steps of an ingestion, as plain functions over one block of rows.
 
-    prepare -> drop_unchanged -> Pieces (long texts) -> look_up -> embed -> remember -> write
+    prepare -> drop_unchanged -> Pieces (long texts) -> look_up
+      -> embed_leased (take_or_lease, embed) -> settle (remember, fail, deliver) -> write
 
 A block is any batch of rows: the whole input for the local engine, one Ray Data block on a
 worker, the texts given to `batch_embed`. Nothing here keeps state between calls: what a
@@ -19,7 +20,7 @@ import numpy as np
 from . import db
 from .errors import DataError
 from .identity import Identity
-from .pieces import Pieces
+from .pieces import Done, Pieces
 from .resilient import BatchSizer, Dimension, Failure, embed_resilient
 from .tokens import Window
 
@@ -179,6 +180,38 @@ def embed(backend, texts: list[str], *, sizer: BatchSizer, dimension: Dimension
     """One batch through `embed_resilient`: (texts, vectors, failures)."""
     vectors, failures = embed_resilient(backend, texts, sizer=sizer, dimension=dimension)
     return texts, vectors, failures
+
+
+def embed_leased(backend, cache, texts: list[str], *, sizer: BatchSizer, dimension: Dimension
+                 ) -> tuple[dict[str, np.ndarray], tuple[list[str], np.ndarray, list[Failure]],
+                            list[str]]:
+    """One batch as a run pays for it: (vectors another run cached meanwhile, (texts,
+    vectors, failures) of the request for the rest, texts another run is embedding now)."""
+    found, mine, later = take_or_lease(cache, backend.identity(dimension.value), texts)
+    batch = embed(backend, mine, sizer=sizer, dimension=dimension) if mine \
+        else ([], np.empty((0, 0), np.float32), [])
+    return found, batch, later
+
+
+@dataclass
+class Settled:
+    """A batch after it came back: the rows its good vectors complete, the rows lost with
+    each failed text, and how many texts it embedded."""
+
+    done: Done
+    lost: list[tuple[list[int], Failure]]
+    embedded: int
+
+
+def settle(cache, identity: Identity, pieces: Pieces, texts: list[str], vectors: np.ndarray,
+           failures: Sequence[Failure]) -> Settled:
+    """Cache a batch's good vectors (before any table: a crash between the two finds them
+    in the cache next time), give up the rows of its failed texts, complete the rest."""
+    remember(cache, identity, texts, vectors, failures)
+    lost = [(pieces.fail(texts[f.position]), f) for f in failures]
+    bad = {f.position for f in failures}
+    good = [i for i in range(len(texts)) if i not in bad]
+    return Settled(pieces.deliver([texts[i] for i in good], vectors[good]), lost, len(good))
 
 
 def remember(cache, identity: Identity, texts: Sequence[str], vectors: np.ndarray,

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import core, db
+from .cache_tools import for_engine, open_cache
 from .claims import claimed, create_claims_table, release_claims
 from .config import Settings
 from .constants import (RAY_BATCHES_PER_BLOCK, RAY_HTTP_WORKER_CPUS, RAY_OBJECT_STORE_BYTES,
@@ -37,11 +38,7 @@ def ingest_ray(source, target: core.Target, *, settings: Settings, progress: boo
     """Ingest `source` (a CSV or Parquet file or folder, a DataFrame, or a dict of the id and
     text columns) into `target` on Ray; returns the run report."""
     ray = _ray()
-    if settings.EMBED_CACHE_BACKEND != "postgres":
-        log.warning("EMBED_CACHE_BACKEND=%s: a cache file cannot be shared by workers on several "
-                    "machines; the Ray engine uses the PostgreSQL cache table instead "
-                    "(EMBED_CACHE_URL, else the run's database)", settings.EMBED_CACHE_BACKEND)
-        settings = replace(settings, EMBED_CACHE_BACKEND="postgres")
+    settings = for_engine(replace(settings, EMBED_ENGINE="ray"))  # the workers' settings
     started, ours = time.perf_counter(), not ray.is_initialized()
     startup = _start(ray, settings)
     try:
@@ -60,7 +57,6 @@ def _run(ray, source, target: core.Target, settings: Settings, progress: bool,
     conn = db.connect(settings)
     create_claims_table(conn)
     from .backends import get_backend
-    from .cache_tools import open_cache
     with get_backend(settings) as backend, open_cache(settings) as cache:
         dim, source_of_dim = core.known_dimension(settings, backend.identity(), conn=conn,
                                                   table=target.table, cache=cache)

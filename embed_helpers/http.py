@@ -98,7 +98,6 @@ class HttpClient:
                  rng: random.Random | None = None):
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
         self.pool = ServerPool([u.rstrip("/") for u in urls])
-        self.base_url = self.pool.servers[0].url
         self.settings = settings
         self.backend, self.service, self.url_setting = backend, service, url_setting
         self.secret = secret

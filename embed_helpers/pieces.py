@@ -169,6 +169,10 @@ class Pieces:
         dim = vectors.shape[1] if len(vectors) else 0
         return Done(rows, np.asarray(row_vectors, dtype=np.float32).reshape(len(rows), dim), chunks)
 
+    def deliver_found(self, found: dict[str, np.ndarray]) -> "Done":
+        """`deliver` for the {text: vector} a cache lookup returns."""
+        return self.deliver(list(found), np.array(list(found.values()), dtype=np.float32))
+
     def fail(self, text: str) -> list[int]:
         """Rows that can no longer be completed because `text` got no vector."""
         with self._lock:

@@ -76,24 +76,20 @@ class _Run:
             with self.lock:
                 self.report.cache_hits += len(found)
                 self.report.cache_misses -= len(found)
-            self.write(conn, self.plan.pieces.deliver(list(found), np.stack(list(found.values()))),
-                       -1)
+            self.write(conn, self.plan.pieces.deliver_found(found), -1)
         if not len(texts):
             return
-        identity = self.backend.identity(self.dimension.value)  # the route that made them
-        core.remember(self.cache, identity, texts, vectors, failures)
-        for f in failures:
-            self.fail_rows(self.plan.pieces.fail(texts[f.position]), f.reason)
-        bad = {f.position for f in failures}
-        good = [i for i in range(len(texts)) if i not in bad]
+        settled = core.settle(self.cache, self.backend.identity(self.dimension.value),  # the
+                              self.plan.pieces, texts, vectors, failures)  # route that made them
+        for rows, failure in settled.lost:
+            self.fail_rows(rows, failure.reason)
         with self.lock:
-            self.texts_embedded += len(good)
-        if not self.table_ready and good:
+            self.texts_embedded += settled.embedded
+        if not self.table_ready and settled.embedded:
             db.create_table(conn, self.plan.target.table, self.plan.target.id_col,
                             self.plan.target.text_col, vectors.shape[1])
             self.table_ready = True
-        self.write(conn, self.plan.pieces.deliver([texts[i] for i in good], vectors[good]),
-                   latency)
+        self.write(conn, settled.done, latency)
 
     def write(self, conn, done, latency: float) -> None:
         t0 = self.now()
@@ -107,7 +103,8 @@ class _Run:
             self.report.timeline.append([round(self.now(), 3), self.report.rows_written,
                                          round(latency, 3) if latency >= 0 else None])
             self.bar.update(len(done.rows))
-            if latency >= 0 and len(servers := self.backend.stats().get("servers", {})) > 1:
+            if latency >= 0 and not self.bar.disable \
+                    and len(servers := self.backend.stats().get("servers", {})) > 1:
                 self.bar.set_postfix_str(" ".join(  # requests and mean latency per server
                     f"{url.split('//')[-1]}:{s['requests']}req/{s['mean_latency_s'] or 0:.2f}s"
                     for url, s in servers.items()), refresh=False)
@@ -169,10 +166,9 @@ def run_plan(plan: Plan, *, conn, backend, cache, settings, progress: bool = Tru
         """One batch: what another run cached meanwhile, our request for the rest, and the
         texts another run is embedding right now (retried after this pass)."""
         t0 = run.now()
-        found, mine, later = core.take_or_lease(cache, backend.identity(run.dimension.value), texts)
-        batch = core.embed(backend, mine, sizer=sizer, dimension=run.dimension) if mine \
-            else ([], np.empty((0, 0), np.float32), [])
-        if mine:
+        found, batch, later = core.embed_leased(backend, cache, texts, sizer=sizer,
+                                                dimension=run.dimension)
+        if batch[0]:
             run.request_spans.append((t0, run.now()))
         return (found, *batch, run.now() - t0, later)
 

@@ -12,7 +12,6 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 
 from . import core, db
 from .claims import claim_rows
@@ -81,7 +80,7 @@ class BlockWorker:
         they complete, the texts embedded and the cache hits."""
         identity = self.backend.identity(self.dimension.value)
         found = core.look_up(self.cache, identity, pieces.texts)
-        parts = [pieces.deliver(list(found), np.array(list(found.values()), dtype=np.float32))]
+        parts = [pieces.deliver_found(found)]
         misses = [t for t in pieces.texts if t not in found]
         if self.settings.EMBED_CACHE_ONLY:
             for text in misses:
@@ -92,22 +91,19 @@ class BlockWorker:
         while misses:  # texts another run holds come back in the next pass
             budget = self.window.request_tokens
             tokens = pieces.token_counts(misses, self.window) if budget else None
-            jobs = [self.pool.submit(self._embed, batch)
+            jobs = [self.pool.submit(core.embed_leased, self.backend, self.cache, batch,
+                                     sizer=self.sizer, dimension=self.dimension)
                     for batch in core.batches(misses, self.sizer.size, tokens, budget)]
             misses = []
             for job in jobs:
-                found_now, (batch, vectors, bad), later = job.result()
+                found_now, batch, later = job.result()
                 misses += later
-                parts.append(pieces.deliver(list(found_now), np.array(list(found_now.values()),
-                                                                      dtype=np.float32)))
-                core.remember(self.cache, self.backend.identity(self.dimension.value), batch,
-                              vectors, bad)
-                for f in bad:
-                    failures += [self._failure(pieces, r, f.reason)
-                                 for r in pieces.fail(batch[f.position])]
-                good = [i for i in range(len(batch)) if i not in {f.position for f in bad}]
-                embedded += len(good)
-                parts.append(pieces.deliver([batch[i] for i in good], vectors[good]))
+                settled = core.settle(self.cache, self.backend.identity(self.dimension.value),
+                                      pieces, *batch)
+                failures += [self._failure(pieces, r, f.reason)
+                             for rows, f in settled.lost for r in rows]
+                embedded += settled.embedded
+                parts += [pieces.deliver_found(found_now), settled.done]
             if misses:
                 time.sleep(CACHE_LEASE_POLL_S)
         if not self.table_ready and self.dimension.value:
@@ -115,14 +111,6 @@ class BlockWorker:
                             self.dimension.value)
             self.table_ready = True
         return Done.merge(parts), embedded, len(found)
-
-    def _embed(self, texts: list[str]):
-        """One batch: what another run cached meanwhile, ours embedded, theirs for later."""
-        found, mine, later = core.take_or_lease(
-            self.cache, self.backend.identity(self.dimension.value), texts)
-        batch = core.embed(self.backend, mine, sizer=self.sizer, dimension=self.dimension) \
-            if mine else ([], np.empty((0, 0), np.float32), [])
-        return found, batch, later
 
     @staticmethod
     def _failure(pieces: Pieces, row: int, reason: str) -> dict:
