@@ -46,6 +46,7 @@ NB_STATE := EMBED_ENV_FILE= DATABASE_URL= EMBED_PGDATA=.pgdata-notebook \
 notebook: $(STAMP)
 	rm -rf .pgdata-notebook .cache/notebook
 	$(NB_STATE) $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/run.ipynb
+	$(PY) -c "from embed_helpers.notebook import strip_volatile_outputs as s; s()"
 	$(PY) -c "from embed_helpers.pg_embedded import stop; stop('.pgdata-notebook')"
 	rm -rf .pgdata-notebook .cache/notebook
 

@@ -10,6 +10,7 @@ _EXPORTS = {
     "backends": ["Backend", "get_backend"],
     "batching": ["abatch_embed", "batch_embed", "chunked"],
     "cache": ["EmbeddingCache"],
+    "cache_store": ["CacheStore", "MemoryStore"],
     "cache_doctor": ["diagnose", "doctor_report"],
     "cache_tools": ["open_cache"],
     "config": ["Settings", "load_settings", "relative"],
@@ -18,13 +19,13 @@ _EXPORTS = {
     "db": ["connect", "count_rows", "create_table", "drop_table", "server_info"],
     "errors": ["BackendError", "ConfigError", "DataError", "DatabaseError", "EmbedHelpersError",
                "EmbeddingFailures", "EmbeddingValidationError"],
-    "pipeline": ["run_plan"],
     "plan": ["Plan"],
-    "report": ["RunReport", "default_report_path", "plot_timeline"],
+    "figures": ["comparison_table", "plot_run"],
+    "report": ["RunReport", "default_report_path"],
     "retrieval": ["create_hnsw_index", "search"],
     "workflow": ["RawInput", "build_index", "build_rows", "clean_raw", "discover_dimension",
                  "ingest", "ingest_per_row", "load_raw", "parity_check", "plan_ingest",
-                 "semantic_search"],
+                 "insert_rows", "run_plan", "semantic_search"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -1,15 +1,15 @@
-"""`batch_embed`: texts in, vectors out, for notebooks and scripts; the steps of `core`.
+"""`batch_embed`: texts in, vectors out, for notebooks and scripts; and `chunked`.
 
-The same steps as Step 9b, without a table: identical texts are embedded once, cached
-vectors are not paid for again, long texts are split (their chunks averaged) as
-EMBED_LONG_TEXTS says, batches go out EMBED_MAX_CONCURRENCY at a time per server, and
-every batch survives oversize and bad inputs (`resilient`).
+The same sequence as Step 9b (`sequence.EmbedSequence`), without a table: identical texts are
+embedded once, cached vectors are not paid for again (EMBED_CACHE_ONLY=1 pays for none),
+a shared cache's leases keep two processes from paying twice, long texts are split (their
+chunks averaged) as EMBED_LONG_TEXTS says, batches go out EMBED_MAX_CONCURRENCY at a time
+per server, and every batch survives oversize and bad inputs (`resilient`).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Iterable, Iterator, Sequence
@@ -17,9 +17,11 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import core
+from .core import is_missing
 from .errors import EmbeddingFailures
 from .pieces import Pieces
-from .resilient import BatchSizer, Dimension, Failure, preview
+from .resilient import Dimension, Failure, preview
+from .sequence import EmbedSequence
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,8 @@ def batch_embed(texts: Sequence[str], backend: Any = None, settings: Any = None,
         from .backends import get_backend
         backend = get_backend(settings)
     try:
-        result = _embed_texts([str(t) for t in texts], backend, settings, cache)
+        result = _embed_texts(["" if is_missing(t) else str(t) for t in texts], backend,
+                              settings, cache)
     finally:
         if own:
             backend.close()
@@ -81,49 +84,44 @@ def batch_embed(texts: Sequence[str], backend: Any = None, settings: Any = None,
     return result
 
 
+class _Vectors:
+    """The sink of `batch_embed`: each row's vector at its input position, or its failure."""
+
+    def __init__(self, texts: list[str], keep: list[int], pieces: Pieces):
+        self.texts, self.keep, self.pieces = texts, keep, pieces
+        self.vectors: np.ndarray | None = None
+        self.failed: dict[int, Failure] = {}
+
+    def deliver(self, done) -> None:
+        if self.vectors is None:
+            self.vectors = np.full((len(self.texts), done.vectors.shape[1]), np.nan, np.float32)
+        self.vectors[[self.keep[r] for r in done.rows]] = done.vectors
+
+    def fail(self, rows: list[int], failure: Failure) -> None:
+        for r in rows:
+            i = self.keep[r]
+            self.failed[i] = Failure(i, preview(self.texts[i]), failure.reason, failure.status)
+
+
 def _embed_texts(texts: list[str], backend, settings, cache) -> EmbedResult:
-    keep = [i for i, t in enumerate(texts) if t.strip()]
+    keep = [i for i, t in enumerate(texts) if not is_missing(t)]
     pieces = Pieces([str(i) for i in keep], [texts[i] for i in keep], backend.window,
                     settings.EMBED_LONG_TEXTS, settings.EMBED_CHUNK_OVERLAP)
-    dimension = Dimension(*core.known_dimension(settings, backend.identity(), cache=cache))
+    dim, source = core.known_dimension(settings, backend.identity(), cache=cache)
+    sequence = EmbedSequence(backend, cache, settings,
+                             dimension=Dimension(dim, source or "EMBEDDING_DIM"))
     requests_before = backend.stats().get("requests", 0)
-    failed: dict[int, tuple[str, int | None]] = {keep[r]: (reason, None) for r, reason in pieces.failed}
-    failed.update({i: ("empty text: nothing to embed", None) for i, t in enumerate(texts)
-                   if not t.strip()})
-    hits = core.look_up(cache, backend.identity(dimension.value), pieces.texts)
-    done = [pieces.deliver_found(hits)]
-    embedded = _embed_misses([t for t in pieces.texts if t not in hits], pieces, backend,
-                             settings, cache, dimension, done, failed, keep)
-    vectors = np.full((len(texts), dimension.value or 0), np.nan, dtype=np.float32)
-    for part in done:
-        for r, vector in zip(part.rows, part.vectors):
-            vectors[keep[r]] = vector
-    failures = [Failure(i, preview(texts[i]), *failed[i]) for i in sorted(failed)]
+    sink = _Vectors(texts, keep, pieces)
+    sink.failed.update({i: Failure(i, preview(t), "empty text: nothing to embed")
+                        for i, t in enumerate(texts) if is_missing(t)})
+    tally = sequence.run(pieces, sink)
+    vectors = sink.vectors if sink.vectors is not None else \
+        np.full((len(texts), sequence.dimension.value or 0), np.nan, dtype=np.float32)
+    failures = [sink.failed[i] for i in sorted(sink.failed)]
     requests = backend.stats().get("requests", 0) - requests_before
     log.info("embedded %d texts (%d distinct, %d from cache) in %d requests; %d failed",
-             len(texts), len(pieces.texts), len(hits), requests, len(failures))
-    return EmbedResult(vectors, failures, requests, embedded, len(hits))
-
-
-def _embed_misses(misses: list[str], pieces: Pieces, backend, settings, cache,
-                  dimension: Dimension, done: list, failed: dict, keep: list[int]) -> int:
-    """Embed the texts the cache lacks, EMBED_MAX_CONCURRENCY batches per server at a time,
-    caching each batch as it returns; returns how many texts were embedded."""
-    sizer = BatchSizer(min(settings.EMBED_BATCH_SIZE, backend.max_batch or settings.EMBED_BATCH_SIZE))
-    budget = backend.window.request_tokens
-    tokens = pieces.token_counts(misses, backend.window) if budget else None
-    embedded = 0
-    with ThreadPoolExecutor(backend.slots, thread_name_prefix="embed") as pool:
-        futures = [pool.submit(core.embed, backend, batch, sizer=sizer, dimension=dimension)
-                   for batch in core.batches(misses, sizer.size, tokens, budget)]
-        for future in as_completed(futures):
-            settled = core.settle(cache, backend.identity(dimension.value), pieces,
-                                  *future.result())
-            for rows, f in settled.lost:
-                failed.update((keep[r], (f.reason, f.status)) for r in rows)
-            embedded += settled.embedded
-            done.append(settled.done)
-    return embedded
+             len(texts), len(pieces.texts), tally.hits, requests, len(failures))
+    return EmbedResult(vectors, failures, requests, tally.embedded, tally.hits)
 
 
 async def abatch_embed(texts: Sequence[str], backend: Any = None, settings: Any = None, *,

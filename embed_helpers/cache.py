@@ -51,6 +51,8 @@ class EmbeddingCache:
         read_only: never create or write the file (`put_many` raises PermissionError).
     """
 
+    kind = "jsonl"
+
     def __init__(self, path: Path | str, *, read_only: bool = False):
         self.path = _path(path)
         self.read_only = read_only

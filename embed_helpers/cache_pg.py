@@ -76,6 +76,8 @@ class PostgresCache:
     """(identity, text) -> vector in a PostgreSQL table; its own connection, used by one
     thread at a time."""
 
+    kind = "postgres"
+
     def __init__(self, settings: Settings):
         from . import db
         where = cache_settings(settings)

@@ -71,26 +71,11 @@ def _prepare(args):
 def cmd_ingest(args) -> int:
     from .workflow import ingest
 
-    if (_settings(args).EMBED_ENGINE == "ray" and _data_path(args).suffix.lower()
-            in (".csv", ".parquet", "") and args.id_col and args.text_col):
-        return _ingest_ray(args)  # Ray reads the file itself, in blocks
     settings, df, target, conn, backend, cache = _prepare(args)
     report = ingest(df, target, settings=settings, conn=conn, backend=backend, cache=cache,
                     progress=not args.quiet)
+    report.close_bill(backend)
     return _close(args, report, conn, target, settings)
-
-
-def _ingest_ray(args) -> int:
-    from . import db
-    from .engine_ray import ingest_ray
-
-    settings = _settings(args)
-    target = _target(args, args.id_col, args.text_col)
-    print(f"input {args.data} (read by Ray in blocks); table {target.table}; backend "
-          f"{settings.EMBEDDING_BACKEND}")
-    report = ingest_ray(_data_path(args), target, settings=settings, progress=not args.quiet,
-                        limit=args.limit)
-    return _close(args, report, db.connect(settings), target, settings)
 
 
 def _close(args, report, conn, target, settings) -> int:

@@ -47,17 +47,20 @@ LOOKUP_CHUNK_IDS = 10000
 HNSW_MAX_VECTOR_DIM = 2000
 INDEX_MAINTENANCE_WORK_MEM = "512MB"
 
-# Retry decisions (embed_helpers.retry): 5xx are retried too. 409 is a lock conflict
-# on some gateways and 408 a server-side timeout: both are safe to repeat.
+# Retry decisions (embed_helpers.retry): 5xx are retried too, except those that say the
+# route does not exist. 409 is a lock conflict on some gateways and 408 a server-side
+# timeout: both are safe to repeat.
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
+#: "Not Implemented", "HTTP Version Not Supported": the same request can never succeed.
+NEVER_RETRIED_STATUSES = frozenset({501, 505})
+#: A server that sent no answer within EMBEDDING_TIMEOUT is tried this many times more:
+#: a hung server must not cost (EMBED_MAX_RETRIES + 1) x the timeout.
+MAX_TIMEOUT_RETRIES = 1
 
-# Batching (embed_helpers.batching)
-#: Bisecting a batch that fails with 5xx stops after 2*log2(batch) + this many failed
-#: requests in a row with no success: the server is down, not one input poisonous.
+# Bisection (embed_helpers.resilient)
+#: Bisecting a batch the server refuses for its content stops after 2*log2(batch) + this
+#: many refused requests in a row with no success: the server refuses everything.
 BISECT_FAILURE_SLACK = 2
-#: Vectors the legacy Ollama route got before a batch failed, kept so that bisection
-#: does not re-send them (one request per text there); cleared above this many.
-LEGACY_PENDING_MAX = 10000
 
 # Long texts (embed_helpers.tokens, embed_helpers.chunking)
 #: The HTTP backends cannot tokenize offline: one token is counted per this many UTF-8 bytes.
@@ -68,7 +71,7 @@ CHUNK_SNAP_SHARE = 0.3
 #: Texts over the window shown by id in the plan and the report.
 LONG_TEXT_EXAMPLES = 5
 
-# Database (embed_helpers.db, embed_helpers.db_guard, embed_helpers.search)
+# Database (embed_helpers.db, embed_helpers.db_guard, embed_helpers.retrieval)
 #: How much of the end of the embedded server's log is read to explain a lost connection.
 DB_LOG_TAIL_BYTES = 64 << 10
 #: psycopg2 feeds COPY in chunks of this size; its 8 KB default means thousands of

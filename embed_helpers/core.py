@@ -1,27 +1,22 @@
-"""The steps of an ingestion, as plain functions over one block of rows.
+"""The steps around the embedding sequence, as plain functions over rows.
 
-    prepare -> drop_unchanged -> Pieces (long texts) -> look_up
-      -> embed_leased (take_or_lease, embed) -> settle (remember, fail, deliver) -> write
+    prepare -> drop_unchanged -> Pieces (long texts) -> [sequence.EmbedSequence] -> write
 
-A block is any batch of rows: the whole input for the local engine, one Ray Data block on a
-worker, the texts given to `batch_embed`. Nothing here keeps state between calls: what a
-step needs is passed in, so the local engine (`pipeline`), `batch_embed` (`batching`) and
-the Ray engine (`engine_ray`) run the same steps, and a fix here reaches all three.
+`prepare` and `drop_unchanged` decide which rows need vectors (the plan runs them), the
+sequence gets the vectors, `write` stores rows in one transaction. Nothing here keeps
+state between calls.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
-
-import numpy as np
+from typing import Sequence
 
 from . import db
 from .errors import DataError
 from .identity import Identity
 from .pieces import Done, Pieces
-from .resilient import BatchSizer, Dimension, Failure, embed_resilient
 from .tokens import Window
 
 log = logging.getLogger(__name__)
@@ -148,14 +143,6 @@ def known_dimension(settings, identity: Identity, *, conn=None, table: str | Non
     return None, ""
 
 
-def look_up(cache, identity: Identity, texts: Sequence[str]) -> dict[str, np.ndarray]:
-    """Cached vectors of `texts` under `identity` (one store call); {} without a cache
-    or before the dimension is known."""
-    if cache is None or not texts or not identity.dim:
-        return {}
-    return cache.get_many(identity, list(texts))
-
-
 def in_cache(cache, identity: Identity, texts: Sequence[str]) -> set[str]:
     """Which texts the cache holds, without reading their vectors (for the plan)."""
     if cache is None or not texts or not identity.dim:
@@ -163,102 +150,13 @@ def in_cache(cache, identity: Identity, texts: Sequence[str]) -> set[str]:
     return cache.contains(identity, list(texts))
 
 
-def take_or_lease(cache, identity: Identity, texts: list[str]
-                  ) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
-    """Just before paying for a batch: (vectors another run cached meanwhile, the texts this
-    run may embed, the texts another run is embedding right now: come back to them)."""
-    if cache is None or not identity.dim:
-        return {}, texts, []
-    found = cache.get_many(identity, texts)
-    rest = [t for t in texts if t not in found]
-    mine = cache.lease(identity, rest) if rest else set()
-    return found, [t for t in rest if t in mine], [t for t in rest if t not in mine]
-
-
-def embed(backend, texts: list[str], *, sizer: BatchSizer, dimension: Dimension
-          ) -> tuple[list[str], np.ndarray, list[Failure]]:
-    """One batch through `embed_resilient`: (texts, vectors, failures)."""
-    vectors, failures = embed_resilient(backend, texts, sizer=sizer, dimension=dimension)
-    return texts, vectors, failures
-
-
-def embed_leased(backend, cache, texts: list[str], *, sizer: BatchSizer, dimension: Dimension
-                 ) -> tuple[dict[str, np.ndarray], tuple[list[str], np.ndarray, list[Failure]],
-                            list[str]]:
-    """One batch as a run pays for it: (vectors another run cached meanwhile, (texts,
-    vectors, failures) of the request for the rest, texts another run is embedding now)."""
-    found, mine, later = take_or_lease(cache, backend.identity(dimension.value), texts)
-    batch = embed(backend, mine, sizer=sizer, dimension=dimension) if mine \
-        else ([], np.empty((0, 0), np.float32), [])
-    return found, batch, later
-
-
-@dataclass
-class Settled:
-    """A batch after it came back: the rows its good vectors complete, the rows lost with
-    each failed text, and how many texts it embedded."""
-
-    done: Done
-    lost: list[tuple[list[int], Failure]]
-    embedded: int
-
-
-def settle(cache, identity: Identity, pieces: Pieces, texts: list[str], vectors: np.ndarray,
-           failures: Sequence[Failure]) -> Settled:
-    """Cache a batch's good vectors (before any table: a crash between the two finds them
-    in the cache next time), give up the rows of its failed texts, complete the rest."""
-    remember(cache, identity, texts, vectors, failures)
-    lost = [(pieces.fail(texts[f.position]), f) for f in failures]
-    bad = {f.position for f in failures}
-    good = [i for i in range(len(texts)) if i not in bad]
-    return Settled(pieces.deliver([texts[i] for i in good], vectors[good]), lost, len(good))
-
-
-def remember(cache, identity: Identity, texts: Sequence[str], vectors: np.ndarray,
-             failures: Sequence[Failure] = ()) -> None:
-    """Store the good vectors of a batch in the cache (before the table: a crash between the
-    two finds them in the cache next time)."""
-    if cache is None or not len(texts):
-        return
-    bad = {f.position for f in failures}
-    good = [i for i in range(len(texts)) if i not in bad]
-    if good:
-        cache.put_many(identity, [texts[i] for i in good], vectors[good])
-
-
-def batches(texts: Sequence[str], size: int | Callable[[], int],
-            tokens: Sequence[int] | None = None, budget: int | None = None) -> Iterator[list[str]]:
-    """Consecutive batches of at most `size` texts and, given counts, `budget` tokens.
-    `size` may be a function (a `BatchSizer` that shrinks when a server says "too large").
-
-    >>> list(batches(list("abcde"), 2))
-    [['a', 'b'], ['c', 'd'], ['e']]
-    >>> list(batches(list("abcd"), 10, [3, 3, 3, 9], budget=7))
-    [['a', 'b'], ['c'], ['d']]
-    """
-    batch, used = [], 0
-    limit = size() if callable(size) else size
-    for i, text in enumerate(texts):
-        cost = tokens[i] if tokens is not None and budget else 0
-        if batch and (len(batch) >= limit or (budget and used + cost > budget)):
-            yield batch
-            batch, used = [], 0
-            limit = size() if callable(size) else size
-        batch.append(text)
-        used += cost
-    if batch:
-        yield batch
-
-
-def write(conn, target: Target, pieces: Pieces, done, *, upsert: bool, assume_new: bool,
-          claim: tuple[str, dict] | None = None) -> int:
-    """Write completed rows (and the chunks of long ones) in one transaction; with `claim`,
-    only rows whose input position is still the latest for their id (`claims`)."""
+def write(conn, target: Target, pieces: Pieces, done: Done, *, upsert: bool,
+          assume_new: bool) -> int:
+    """Write completed rows (and the chunks of long ones) in one transaction."""
     if not done.rows:
         return 0
     row_ids = [pieces.ids[r] for r in done.rows]
     chunks = [(pieces.ids[r], k, start, end, vector) for r, k, start, end, vector in done.chunks]
     return db.write_rows(conn, target.table, target.id_col, target.text_col, row_ids,
                          [pieces.row_texts[r] for r in done.rows], done.vectors, upsert=upsert,
-                         assume_new=assume_new, chunks=chunks, chunks_table=target.chunks_table,
-                         claim=claim)
+                         assume_new=assume_new, chunks=chunks, chunks_table=target.chunks_table)

@@ -3,7 +3,7 @@
 Every write is keyed by row id and idempotent, so many workers can ingest shards of one
 data set into one PostgreSQL at once and a rerun never duplicates rows. Every function
 passes `db_guard.guarded`: a server that fails or goes away becomes a `DatabaseError`
-that says what to do. Search and the index are in `search`.
+that says what to do. Search and the index are in `retrieval`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from psycopg2.extras import execute_values
 
 from .config import Settings, mask_url
 from .constants import LOOKUP_CHUNK_IDS
-from .claims import keep_latest
 from .copy_format import chunks_payload, copy_new_rows, copy_rows, rows_payload
 from .db_guard import EXTERNAL, check_once, create_racing, guarded
 from .errors import DatabaseError, DataError
@@ -119,12 +118,26 @@ def create_chunks_table(conn, table: str, id_col: str, dim: int) -> None:
 
 def _create(conn, table: str, dim: int, statement: sql.Composable) -> None:
     existing = table_dimension(conn, table)
+    if existing is not None and existing != dim and _is_empty(conn, table):
+        # Left by a run stopped at its first batch (a wrong EMBEDDING_DIM): nothing to lose.
+        log.warning("table %s is empty and made for %d dimensions: made again for %d",
+                    table, existing, dim)
+        drop_table(conn, table)
+        existing = None
     if existing is not None and existing != dim:
         raise DataError(f"Table {table} stores vectors of dimension {existing}, but the model "
                         f"gives {dim}. Use another TABLE_NAME (or --table), or drop the table "
                         "if its vectors came from another model.")
     if existing is None and not create_racing(conn, statement):
         _create(conn, table, dim, statement)  # another worker's: check its dimension
+
+
+def _is_empty(conn, table: str) -> bool:
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {t})").format(t=sql.Identifier(table)))
+        empty = cur.fetchone()[0]
+    conn.rollback()
+    return empty
 
 
 @guarded("reading which rows of {table} are stored")
@@ -155,7 +168,7 @@ def stored_state(conn, table: str, id_col: str, text_col: str, chunks_table: str
 def write_rows(conn, table: str, id_col: str, text_col: str, ids: Sequence[str],
                texts: Sequence[str], vectors: np.ndarray, *, upsert: bool = True,
                method: str = "copy", assume_new: bool = False, chunks: Sequence = (),
-               chunks_table: str | None = None, claim: tuple[str, dict] | None = None) -> int:
+               chunks_table: str | None = None) -> int:
     """Write one batch, and the chunks of its long rows, in one transaction.
 
     `method="copy"`: binary COPY into a temporary staging table, then one
@@ -164,9 +177,6 @@ def write_rows(conn, table: str, id_col: str, text_col: str, ids: Sequence[str],
     another writer stored one of them meanwhile, the batch falls back to the upsert.
     `method="execute_values"`: the classic path. Ids must be unique within the batch.
     Chunks (id, number, start, end, vector) replace every chunk stored for these ids.
-    `claim` (run key, {id: input position}): only the rows whose position is still the
-    latest claimed for their id are written (`claim_rows`); the check holds the claims'
-    row locks until the commit, so a later duplicate can never be overwritten by an earlier.
     """
     if not len(ids):
         return 0
@@ -175,8 +185,6 @@ def write_rows(conn, table: str, id_col: str, text_col: str, ids: Sequence[str],
     if chunks and table_dimension(conn, chunks_table) is None:
         create_chunks_table(conn, chunks_table, id_col, vectors.shape[1])
     with conn.cursor() as cur:
-        if claim is not None:
-            ids, texts, vectors, chunks = keep_latest(cur, claim, ids, texts, vectors, chunks)
         written = _insert(conn, cur, table, id_col, text_col, ids, texts, vectors, upsert=upsert,
                           method=method, assume_new=assume_new) if ids else set()
         if replace_chunks:  # rows kept as they were (UPSERT off) keep their chunks too

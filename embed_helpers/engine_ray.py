@@ -1,95 +1,80 @@
-"""The Ray engine: Step 9b on a Ray cluster, with the same guarantees as the local engine.
+"""The Ray engine: Step 9b of a plan on a Ray cluster, with the same guarantees as the local one.
 
-Ray Data reads the input in blocks; a pool of `BlockWorker` actors (one per GPU for the
-`local` backend, one per server for the HTTP backends, or EMBED_WORKERS) runs the steps of
-`core` on each block: prepare, claim the rows (duplicate ids over blocks: the last in input
-order wins, `claims`), skip rows stored unchanged, look up the shared PostgreSQL cache,
-embed, store in the cache, and write in one transaction. Ray runs a block at least once (a
-retried task, a restarted actor); every write is keyed by id, so every row lands exactly
-once. The driver only reads one small summary per block: its memory does not grow with rows.
+The plan (made in this process, as for the local engine) says which rows to write; they go
+to Ray Data in blocks, and a pool of `BlockWorker` actors (one per GPU for the `local`
+backend, one per server for the HTTP backends, or EMBED_WORKERS) runs the embedding
+sequence on each block against the shared PostgreSQL cache, then writes the block in one
+transaction. A plan with nothing to write starts no Ray at all. Ray runs a block at least
+once (a retried task, a restarted actor); every write is keyed by id and every vector is
+cached before it is written, so every row lands exactly once and nothing is paid twice.
+The driver only reads one small summary per block.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
-import uuid
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from . import core, db
-from .cache_tools import for_engine, open_cache
-from .claims import claimed, create_claims_table, release_claims
+from .cache_tools import for_engine
 from .config import Settings
-from .constants import (RAY_BATCHES_PER_BLOCK, RAY_HTTP_WORKER_CPUS, RAY_OBJECT_STORE_BYTES,
-                        RAY_READER_CPUS)
+from .constants import RAY_BATCHES_PER_BLOCK, RAY_HTTP_WORKER_CPUS, RAY_OBJECT_STORE_BYTES
 from .errors import ConfigError, EmbedHelpersError
-from .report import RunReport, write_failures
+from .plan import Plan
+from .report import RunReport, start_report
+from .resilient import Failure
 from .worker import BlockWorker
 
 log = logging.getLogger(__name__)
 
 
-def ingest_ray(source, target: core.Target, *, settings: Settings, progress: bool = True,
-               limit: int | None = None) -> RunReport:
-    """Ingest `source` (a CSV or Parquet file or folder, a DataFrame, or a dict of the id and
-    text columns) into `target` on Ray; returns the run report."""
+def run_plan_ray(plan: Plan, *, settings: Settings, backend, cache,
+                 progress: bool = True) -> RunReport:
+    """Carry out `plan` on Ray (RAY_ADDRESS's cluster, or a local Ray); returns the report."""
+    started = time.perf_counter()
+    report = start_report(plan, settings, cache)
+    report.engine, report.cache_path = "ray", "PostgreSQL table embedding_cache"
+    failures = [Failure(-1, "", reason, None, row_id).record() for row_id, reason in plan.rows.invalid]
+    if not plan.todo:  # nothing to write: no cluster to start
+        report.close(failures, settings, wall=time.perf_counter() - started)
+        return report
     ray = _ray()
     settings = for_engine(replace(settings, EMBED_ENGINE="ray"))  # the workers' settings
-    started, ours = time.perf_counter(), not ray.is_initialized()
-    startup = _start(ray, settings)
+    ours = not ray.is_initialized()
+    report.ray_startup_s = round(_start(ray, settings), 2)
+    servers = len(backend.stats().get("servers", {})) or 1
     try:
-        report = _run(ray, source, target, settings, progress, limit)
+        _run(ray, plan, settings, servers, report, failures, progress)
+    except BaseException as exc:
+        report.close(failures, settings, wall=time.perf_counter() - started, error=exc)
+        raise
     finally:
         if ours:  # a Ray started for this run ends with it (a notebook kernel is then
             ray.shutdown()  # stopped cleanly, not with Ray's SIGTERM stack trace)
-    report.finish_timing(time.perf_counter() - started, [], [])
-    report.ray_startup_s = round(startup, 2)
-    return report
+    return report.close(failures, settings, wall=time.perf_counter() - started)
 
 
-def _run(ray, source, target: core.Target, settings: Settings, progress: bool,
-         limit: int | None) -> RunReport:
-    """Set up the claims and the table, run the workers over the blocks, collect."""
-    conn = db.connect(settings)
-    create_claims_table(conn)
-    from .backends import get_backend
-    with get_backend(settings) as backend, open_cache(settings) as cache:
-        dim, source_of_dim = core.known_dimension(settings, backend.identity(), conn=conn,
-                                                  table=target.table, cache=cache)
-        servers = len(backend.stats().get("servers", {})) or 1
-    if dim:
-        db.create_table(conn, target.table, target.id_col, target.text_col, dim)
-    run = uuid.uuid4().hex
+def _run(ray, plan: Plan, settings: Settings, servers: int, report: RunReport,
+         failures: list[dict], progress: bool) -> None:
+    """The workers over the plan's rows in blocks, their summaries into the report."""
     workers, resources = _workers(ray, settings, servers)
     block = RAY_BATCHES_PER_BLOCK * settings.EMBED_BATCH_SIZE
     numbers = ray.remote(num_cpus=0)(_Numbers).remote()  # worker i starts at server i
-    dataset = _dataset(ray, source, target, limit, block).map_batches(
-        BlockWorker, fn_constructor_kwargs=dict(settings=settings, target=target, run=run,
-                                                dim=dim, dim_source=source_of_dim,
-                                                concurrency=max(1, settings.EMBED_MAX_CONCURRENCY
-                                                                * servers // workers),
-                                                numbers=numbers),
+    dataset = _dataset(ray, plan, block).map_batches(
+        BlockWorker, fn_constructor_kwargs=dict(
+            settings=settings, target=plan.target, dim=plan.identity.dim,
+            dim_source=plan.dim_source,
+            concurrency=max(1, settings.EMBED_MAX_CONCURRENCY * servers // workers),
+            numbers=numbers),
         batch_size=block, batch_format="numpy",
         # One block per worker at a time: a worker that started first must not queue them all.
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
         **resources)
-    report = RunReport(table=target.table, engine="ray", backend=settings.EMBEDDING_BACKEND,
-                       dim=dim or 0, batch_size=settings.EMBED_BATCH_SIZE,
-                       concurrency=settings.EMBED_MAX_CONCURRENCY,
-                       cache_path="PostgreSQL table embedding_cache",
-                       gpu_hourly_usd=settings.GPU_HOURLY_USD)
-    failures = _collect(dataset, report, progress)
-    invalid = sum(1 for f in failures if f.get("invalid"))
-    report.rows_duplicate = report.rows_read - report.rows_empty - invalid - claimed(conn, run)
-    release_claims(conn, run)
-    report.failures_path = write_failures(failures, settings.EMBED_RUNS_DIR)
-    report.rows_failed = len(failures)
-    conn.close()
-    return report
+    _collect(dataset, report, failures, progress, len(plan.todo))
 
 
 def _ray():
@@ -145,70 +130,28 @@ class _Numbers:
         return self.count
 
 
-def _dataset(ray, source, target: core.Target, limit: int | None, block: int):
-    """Rows as (id, text, seq) in blocks of `block` rows, one per worker task: seq is the
-    position in the input (files in name order), so duplicate ids resolve to the last one
-    whichever block holds it."""
-    if isinstance(source, (str, Path)):
-        files = _files(Path(source))
-        ds = ray.data.from_items([{"path": str(p), "file": i} for i, p in enumerate(files)])
-        # Its own CPU share, unlike the workers', so that Ray does not fuse reading into the
-        # workers: a single file would then be read, and embedded, by one worker alone.
-        ds = ds.map_batches(_read_files, batch_size=1, num_cpus=RAY_READER_CPUS,
-                            fn_kwargs={"id_col": target.id_col, "text_col": target.text_col,
-                                       "block": block})
-    else:
-        import pandas as pd
-        ids, texts = list(source[target.id_col]), list(source[target.text_col])
-        ds = ray.data.from_pandas(pd.DataFrame({"id": [None if i is None else str(i) for i in ids],
-                                                "text": texts, "seq": np.arange(len(ids))}))
-    if limit:
-        ds = ds.limit(limit)
-    # Blocks of `block` rows, each its own input: else what one read task (or the one
-    # DataFrame) yields would go to one worker as one bundle.
-    return ds.repartition(target_num_rows_per_block=block)
+def _dataset(ray, plan: Plan, block: int):
+    """The plan's rows to write as (id, text, new) in blocks of `block` rows, each its own
+    input (else the one DataFrame would go to one worker as one bundle)."""
+    import pandas as pd
+    rows = plan.rows.take(plan.todo)
+    frame = pd.DataFrame({"id": rows.ids, "text": rows.texts,
+                          "new": np.array([i not in plan.stored_ids for i in rows.ids])})
+    return ray.data.from_pandas(frame).repartition(target_num_rows_per_block=block)
 
 
-def _files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".csv", ".parquet"))
-    if not path.is_dir() or not files:
-        from .errors import DataError
-        raise DataError(f"{path}: expected a CSV or Parquet file, or a folder of them")
-    return files
-
-
-def _read_files(batch: dict, id_col: str, text_col: str, block: int):
-    """Stream one file in blocks of `block` rows (a generator: never whole in memory)."""
-    for path, number in zip(batch["path"], batch["file"]):
-        base = int(number) << 40
-        if str(path).lower().endswith(".parquet"):
-            import pyarrow.parquet as pq
-            first = 0
-            for chunk in pq.ParquetFile(path).iter_batches(block, columns=[id_col, text_col]):
-                ids = [None if v is None else str(v) for v in chunk.column(id_col).to_pylist()]
-                yield {"id": ids, "text": chunk.column(text_col).to_pylist(),
-                       "seq": base + first + np.arange(len(ids))}
-                first += len(ids)
-        else:
-            from .csv_rows import iter_csv_columns
-            for ids, texts, first in iter_csv_columns(path, id_col, text_col, block):
-                yield {"id": ids, "text": texts, "seq": base + first + np.arange(len(ids))}
-
-
-def _collect(dataset, report: RunReport, progress: bool) -> list[dict]:
-    """Read the blocks' summaries as they come, into the report; the failure records."""
+def _collect(dataset, report: RunReport, failures: list[dict], progress: bool,
+             rows: int) -> None:
+    """Read the blocks' summaries as they come into the report (the same figures the
+    local engine's sequence counts); the failure records into `failures`."""
     from tqdm import tqdm
-    failures, empty, seen, dims = [], [], [], set()
-    bar = tqdm(unit="row", desc="Step 9b (ray)", disable=not progress)
+    bar = tqdm(total=rows, unit="row", desc="Step 9b (ray)", disable=not progress)
     try:
         for summary in dataset.iter_rows():
-            seen.append(summary)
-            bar.update(int(summary["rows_read"]))
-            failures += json.loads(summary["failures"])
-            empty += json.loads(summary["empty_ids"])
-            dims.add(int(summary["dim"]))
+            _add_block(report, summary)
+            block_failures = json.loads(summary["failures"])
+            failures += block_failures
+            bar.update(int(summary["written"]) + len(block_failures))
     except Exception as exc:  # Ray wraps our errors: show ours, not Ray's traceback
         ours = _our_error(exc)
         if ours is not None:
@@ -216,9 +159,9 @@ def _collect(dataset, report: RunReport, progress: bool) -> list[dict]:
         raise
     finally:
         bar.close()
-    _tally(report, seen, empty)
-    report.dim = report.dim or max(dims - {0}, default=0)
-    return failures
+    for worker in report.workers.values():
+        worker["rows_per_s"] = worker["rows"] / worker["seconds"] if worker["seconds"] else 0.0
+        worker["seconds"] = round(worker["seconds"], 3)
 
 
 def _our_error(exc: BaseException | None, depth: int = 0) -> EmbedHelpersError | None:
@@ -233,32 +176,22 @@ def _our_error(exc: BaseException | None, depth: int = 0) -> EmbedHelpersError |
     return exc if isinstance(exc, EmbedHelpersError) else None
 
 
-def _tally(report: RunReport, summaries: list[dict], empty: list[str]) -> None:
-    total = lambda key: sum(int(s[key]) for s in summaries)  # noqa: E731
-    report.rows_read, report.rows_empty, report.empty_ids = total("rows_read"), len(empty), empty
-    report.rows_duplicate, report.rows_unchanged = total("duplicates"), total("unchanged")
-    report.rows_written, report.chunks_written = total("written"), total("chunks")
-    report.texts_unique, report.texts_embedded = total("texts"), total("embedded")
-    report.cache_hits, report.cache_misses = total("hits"), total("texts") - total("hits")
-    report.requests, report.retries = total("requests"), total("retries")
-    for s in summaries:
-        worker = report.workers.setdefault(str(s["worker"]), {"blocks": 0, "rows": 0, "seconds": 0.0})
-        worker["blocks"] += 1
-        worker["rows"] += int(s["written"])
-        worker["seconds"] += float(s["seconds"])
-        for url, counts in json.loads(s["servers"]).items():
-            server = report.servers.setdefault(url, {"requests": 0, "texts": 0, "errors": 0,
-                                                     "set_aside": 0, "mean_latency_s": None})
-            for key in ("requests", "texts", "errors", "set_aside"):
-                server[key] += counts[key]
-    for worker in report.workers.values():
-        worker["rows_per_s"] = worker["rows"] / worker["seconds"] if worker["seconds"] else 0.0
-        worker["seconds"] = round(worker["seconds"], 3)
-    long = [json.loads(s["long"]) for s in summaries]
-    report.long_texts = {k: sum(x[k] for x in long) for k in ("over", "chunks", "chars", "chars_beyond")}
-    if long:
-        report.long_texts.update(window=long[0]["window"], exact=long[0]["exact"],
-                                 policy=long[0]["policy"])
-        report.long_texts["share_beyond"] = report.long_texts["chars_beyond"] / max(
-            report.long_texts["chars"], 1)
-
+def _add_block(report: RunReport, s: dict) -> None:
+    """One block's summary into the report: the sequence's tally, the writes, the bill."""
+    tally = report.tally
+    for name in ("texts", "embedded", "hits", "failed", "waits"):
+        setattr(tally, name, getattr(tally, name) + int(s[name]))
+    report.rows_written += int(s["written"])
+    report.chunks_written += int(s["chunks"])
+    for name in ("requests", "retries", "texts_sent", "tokens"):
+        setattr(report, name, getattr(report, name) + int(s[name]))
+    report.dim = report.dim or int(s["dim"])
+    worker = report.workers.setdefault(str(s["worker"]), {"blocks": 0, "rows": 0, "seconds": 0.0})
+    worker["blocks"] += 1
+    worker["rows"] += int(s["written"])
+    worker["seconds"] += float(s["seconds"])
+    for url, counts in json.loads(s["servers"]).items():
+        server = report.servers.setdefault(url, {"requests": 0, "texts": 0, "errors": 0,
+                                                 "set_aside": 0, "mean_latency_s": None})
+        for key in ("requests", "texts", "errors", "set_aside"):
+            server[key] += counts[key]

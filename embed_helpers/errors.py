@@ -67,6 +67,22 @@ class BadInput(BackendError):
     """A non-retryable 4xx caused by the content of the inputs."""
 
 
+class WrongRoute(BackendError):
+    """404, 405 or 501 to our POST: the URL or the route is not an embedding server's."""
+
+
+class SomeInputsFailed(BadInput):
+    """A backend that sends one request per text (Ollama's legacy route) knows which texts
+    failed: `vectors` holds the good ones (NaN rows elsewhere), `errors` the failed
+    positions and their error, so nobody bisects or pays for the good texts again."""
+
+    def __init__(self, vectors, errors: dict, **kw):
+        self.vectors, self.errors = vectors, errors
+        first = next(iter(errors.values()))
+        super().__init__(f"{len(errors)} of {len(vectors)} texts failed: {first}",
+                         backend=first.backend, status=first.status, **kw)
+
+
 class EmbeddingValidationError(EmbedHelpersError, ValueError):
     """Vectors that must not be written: wrong count, dimension, NaN, empty."""
 
@@ -86,10 +102,6 @@ class EmbeddingFailures(EmbedHelpersError):
         if len(failures) > 10:
             lines.append(f"  ... and {len(failures) - 10} more")
         super().__init__("\n".join(lines))
-
-
-class CacheMiss(EmbedHelpersError):
-    """EMBED_CACHE_ONLY is set and a text is not in the cache."""
 
 
 class DatabaseError(EmbedHelpersError):

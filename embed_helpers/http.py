@@ -19,9 +19,9 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from .config import Settings, mask, mask_url
-from .constants import CONNECT_TIMEOUT_S
+from .constants import CONNECT_TIMEOUT_S, MAX_TIMEOUT_RETRIES
 from .errors import (AuthenticationError, BackendError, BackendUnreachable, BadInput,
-                     BatchTooLarge, EmbeddingValidationError, ModelNotFound)
+                     BatchTooLarge, EmbeddingValidationError, ModelNotFound, WrongRoute)
 from .retry import retry_delay, should_retry
 from .servers import ServerPool
 
@@ -159,6 +159,7 @@ class HttpClient:
         """
         max_retries = self.settings.EMBED_MAX_RETRIES
         timeout = (CONNECT_TIMEOUT_S, self.settings.EMBEDDING_TIMEOUT)
+        timeouts = 0
         for attempt in range(max_retries + 1):
             server = self.pool.acquire()
             url = server.url + path
@@ -169,6 +170,9 @@ class HttpClient:
             except requests.RequestException as exc:
                 retry = should_retry(exc)
                 self.pool.release(server, ok=False, down=retry)
+                if isinstance(exc, requests.ReadTimeout):  # a hung server: once more, not
+                    timeouts += 1                           # max_retries x the timeout
+                    retry = retry and timeouts <= MAX_TIMEOUT_RETRIES
                 if attempt < max_retries and retry:
                     self._again(attempt, None, f"{type(exc).__name__} from {mask_url(server.url)}")
                     continue
@@ -221,10 +225,12 @@ class HttpClient:
         tries = f"after {attempts} attempt{'s' if attempts > 1 else ''}"
         if isinstance(exc, requests.ReadTimeout):
             return BackendUnreachable(
-                self.scrub(f"{self.service} at {url} sent no answer within EMBEDDING_TIMEOUT="
-                           f"{self.settings.EMBEDDING_TIMEOUT:g}s ({tries})."),
+                self.scrub(f"{self.service} at {mask_url(url)} sent no answer within "
+                           f"EMBEDDING_TIMEOUT={self.settings.EMBEDDING_TIMEOUT:g}s ({tries})."),
                 backend=self.backend,
-                hint="Raise EMBEDDING_TIMEOUT, or lower EMBED_BATCH_SIZE / EMBED_MAX_CONCURRENCY.")
+                hint="The server may be hung or overloaded: check it (and its logs). If it is "
+                     "only slow for this batch size, lower EMBED_BATCH_SIZE or "
+                     "EMBED_MAX_CONCURRENCY, or raise EMBEDDING_TIMEOUT.")
         others = (f"; none of the {len(self.pool)} servers of {self.url_setting} answered: "
                   f"{', '.join(mask_url(s.url) for s in self.pool.servers)}") \
             if len(self.pool) > 1 else ""
@@ -235,7 +241,7 @@ class HttpClient:
     def _status_error(self, response: requests.Response, url: str, attempts: int) -> BackendError:
         status = response.status_code
         said = self.scrub(server_message(response))
-        where = f"{self.service} at {url} answered HTTP {status}"
+        where = f"{self.service} at {mask_url(url)} answered HTTP {status}"
         kw = dict(backend=self.backend, status=status, server_message=said)
         if status in (401, 403):
             return AuthenticationError(f"{where}: not authorised.", hint=self.auth_hint, **kw)
@@ -248,12 +254,21 @@ class HttpClient:
                                  hint="Lower EMBED_BATCH_SIZE.", **kw)
         if status in (400, 422):
             return BadInput(f"{where}: it rejected the input.", **kw)
-        if status == 404:
-            return BackendError(f"{where}: no such route.",
-                                hint=f"Is {self.url_setting} right?", **kw)
+        if status in (404, 405, 501):
+            return WrongRoute(f"{where} to a POST: this URL is not an embedding route, and "
+                              f"asking again will not change that.",
+                              hint=f"Is {self.url_setting} right? It must be the server's base URL "
+                                   f"(such as http://localhost:11434 for Ollama, or "
+                                   f"http://localhost:8000/v1 for an OpenAI-compatible server).",
+                              **kw)
+        if status == 429:
+            return BackendError(f"{where} after {attempts} attempts: rate limited.",
+                                hint="Lower EMBED_MAX_CONCURRENCY, or raise EMBED_MAX_RETRIES "
+                                     "(and EMBED_BACKOFF_MS) to wait longer.", **kw)
         if should_retry(status):
-            return BackendError(f"{where} after {attempts} attempts.",
-                                hint="Raise EMBED_MAX_RETRIES or lower EMBED_MAX_CONCURRENCY.", **kw)
+            return BackendError(f"{where} after {attempts} attempts: the server is failing.",
+                                hint="Check the server and its logs, then run again: what was "
+                                     "embedded so far is cached and will not be paid again.", **kw)
         return BackendError(f"{where}.", **kw)
 
 

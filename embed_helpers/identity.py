@@ -43,9 +43,6 @@ class Identity:
     dim: int | None
     normalized: bool
 
-    def with_dim(self, dim: int) -> "Identity":
-        return Identity(self.route, self.model, int(dim), self.normalized)
-
     def key(self, text: str) -> str:
         """The cache key of `text` under this identity (the dimension must be known)."""
         if not self.dim:

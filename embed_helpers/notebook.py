@@ -19,8 +19,8 @@ def parse_param(assignment: str) -> tuple[str, Any]:
 
     >>> parse_param("EMBED_BATCH_SIZE=128")
     ('EMBED_BATCH_SIZE', 128)
-    >>> parse_param("RUN_STEP9=True")
-    ('RUN_STEP9', True)
+    >>> parse_param("RESET_TABLE=True")
+    ('RESET_TABLE', True)
     >>> parse_param("DATA_PATH=data/x.csv")
     ('DATA_PATH', 'data/x.csv')
     >>> parse_param("EMBED_BATCH_SIZE=abc")
@@ -60,3 +60,21 @@ def run_notebook(params: Sequence[str] = (), out: Path | str | None = None,
                                cwd=str(PROJECT_ROOT), progress_bar=False)
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     return out, report
+
+
+def strip_volatile_outputs(path: Path | str = NOTEBOOK_PATH) -> int:
+    """Drop what an executed notebook should not keep: progress bars and warnings (stderr
+    streams) and the execution timestamps. Returns how many outputs were dropped.
+    `make notebook` calls it before the notebook is committed."""
+    path = Path(path)
+    notebook = json.loads(path.read_text())
+    dropped = 0
+    for cell in notebook["cells"]:
+        cell.get("metadata", {}).pop("execution", None)
+        kept = [o for o in cell.get("outputs", [])
+                if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+        dropped += len(cell.get("outputs", [])) - len(kept)
+        if "outputs" in cell:
+            cell["outputs"] = kept
+    path.write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
+    return dropped

@@ -1,9 +1,10 @@
 """Rows into the texts we send: whole when they fit the window, else chunks or a cut.
 
-`Pieces` holds the rows of one block (or one run) that need vectors, the texts to send for
-them (each distinct text once), and which rows wait for which text. A row is done when
-every one of its pieces has a vector; a row of several chunks gets the normalised mean of
-their vectors (see GUIDE.md, "Long texts", for why), and its chunks are kept for the
+`Pieces` holds the rows of one block (or one plan) that need vectors, the texts to send for
+them (each distinct text once), and which rows wait for which text. It never changes once
+made, so a plan can be run again. `Assembly` is one run's state over them: a row is done
+when every one of its pieces has a vector; a row of several chunks gets the normalised mean
+of their vectors (see GUIDE.md, "Long texts", for why), and its chunks are kept for the
 `<table>_chunks` table.
 """
 from __future__ import annotations
@@ -82,10 +83,6 @@ class Pieces:
         self._where: dict[str, list[tuple[int, int]]] = {}
         self._split(window, overlap)
         self.texts = list(self._where)               # distinct texts to send, first seen first
-        self._missing = [len(s) for s in self.spans]
-        self._parts: dict[int, list] = {}
-        self._dead: set[int] = {row for row, _ in self.failed}
-        self._lock = threading.Lock()  # a writer and a cached-rows writer deliver at once
 
     def _split(self, window: Window, overlap: int) -> None:
         limit, counter, long = window.max_tokens, window.counter, self.long
@@ -142,30 +139,53 @@ class Pieces:
     def rows_of(self, text: str) -> list[int]:
         return sorted({row for row, _k in self._where.get(text, [])})
 
+    def where(self, text: str) -> list[tuple[int, int]]:
+        """(row, piece number) of every row piece that is `text`."""
+        return self._where.get(text, [])
+
+    def assembly(self) -> "Assembly":
+        """A new run's state over these pieces: nothing delivered yet."""
+        return Assembly(self)
+
+
+class Assembly:
+    """One run's state over `Pieces`: the vectors of rows of several chunks gathered until
+    all arrived, and the rows given up. A new run of the same plan starts a new one, so
+    running a plan twice (or after a failed run) completes every row again."""
+
+    def __init__(self, pieces: Pieces):
+        self.pieces = pieces
+        self._missing = [len(s) for s in pieces.spans]
+        self._parts: dict[int, list] = {}
+        self._settled: set[int] = {row for row, _ in pieces.failed}
+        self._lock = threading.Lock()  # batches may be settled from several threads
+
     def deliver(self, texts: list[str], vectors: np.ndarray) -> "Done":
         """Vectors for some texts; returns the rows this completes (each row once)."""
         with self._lock:
             return self._deliver(texts, vectors)
 
     def _deliver(self, texts: list[str], vectors: np.ndarray) -> "Done":
-        rows, row_vectors, chunks = [], [], []
+        rows, row_vectors, chunks, spans = [], [], [], self.pieces.spans
         for text, vector in zip(texts, vectors):
-            for row, k in self._where.get(text, []):
-                if row in self._dead:
+            for row, k in self.pieces.where(text):
+                if row in self._settled:
                     continue
-                if len(self.spans[row]) == 1:
+                if len(spans[row]) == 1:
+                    self._settled.add(row)  # a text delivered twice completes its row once
                     rows.append(row)
                     row_vectors.append(vector)
                     continue
-                parts = self._parts.setdefault(row, [None] * len(self.spans[row]))
+                parts = self._parts.setdefault(row, [None] * len(spans[row]))
                 if parts[k] is None:
                     parts[k] = vector
                     self._missing[row] -= 1
                 if self._missing[row] == 0:
                     stacked = np.stack(self._parts.pop(row))
+                    self._settled.add(row)
                     rows.append(row)
                     row_vectors.append(mean_vector(stacked))
-                    chunks += [(row, k, *self.spans[row][k], stacked[k]) for k in range(len(stacked))]
+                    chunks += [(row, k, *spans[row][k], stacked[k]) for k in range(len(stacked))]
         dim = vectors.shape[1] if len(vectors) else 0
         return Done(rows, np.asarray(row_vectors, dtype=np.float32).reshape(len(rows), dim), chunks)
 
@@ -176,8 +196,8 @@ class Pieces:
     def fail(self, text: str) -> list[int]:
         """Rows that can no longer be completed because `text` got no vector."""
         with self._lock:
-            newly = [row for row in self.rows_of(text) if row not in self._dead]
-            self._dead.update(newly)
+            newly = [row for row in self.pieces.rows_of(text) if row not in self._settled]
+            self._settled.update(newly)
             for row in newly:
                 self._parts.pop(row, None)
             return newly

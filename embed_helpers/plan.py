@@ -14,6 +14,8 @@ from . import core
 from .core import Rows, Target
 from .identity import Identity
 from .pieces import Pieces
+from .resilient import BatchSizer
+from .sequence import BatchCutter, batch_size
 from .tokens import Window
 
 log = logging.getLogger(__name__)
@@ -38,13 +40,15 @@ class Plan:
     texts_per_s: float | None = None
     gpu_hourly_usd: float | None = None
     cache_name: str = ""
+    probe_texts: int = 0          # texts the probe paid for (now cached)
+    runs: int = 0                 # times `run_plan` carried it out
     notes: list[str] = field(default_factory=list)
 
     def batches(self) -> list[list[str]]:
         """The requests the run will send (before any split the server asks for)."""
-        budget = self.window.request_tokens
-        tokens = self.pieces.token_counts(self.to_embed, self.window) if budget else None
-        return list(core.batches(self.to_embed, self.batch_size, tokens, budget))
+        cutter = BatchCutter(self.pieces, self.window, BatchSizer(self.batch_size))
+        cutter.add(self.to_embed)
+        return list(iter(cutter.next, []))
 
     @property
     def requests(self) -> int:
@@ -104,7 +108,7 @@ def make_plan(rows: Rows, target: Target, *, conn, backend, cache, settings,
     plan = Plan(target=target, rows=rows, todo=todo, rows_unchanged=unchanged,
                 stored_ids=stored_ids, pieces=pieces, identity=identity,
                 dim_source=dim_source, window=window,
-                batch_size=min(settings.EMBED_BATCH_SIZE, backend.max_batch or settings.EMBED_BATCH_SIZE),
+                batch_size=batch_size(settings, backend),
                 cached=cached, to_embed=[t for t in pieces.texts if t not in cached],
                 texts_per_s=settings.EMBED_EXPECTED_TEXTS_PER_S,
                 gpu_hourly_usd=settings.GPU_HOURLY_USD,

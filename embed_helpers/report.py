@@ -12,6 +12,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import relative
+from .sequence import Tally
+
+#: RunReport field -> the backend counter it reads (`HttpClient.stats`).
+_COUNTER = {"requests": "requests", "retries": "retries", "texts_sent": "texts",
+            "tokens": "tokens"}
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +70,14 @@ class RunReport:
     cache_lines_skipped: int = 0
     requests: int = 0
     retries: int = 0
+    texts_sent: int = 0           # texts the run's successful requests carried
+    tokens: int = 0               # tokens the server said it billed (usage), when it says
+    #: every request and text the backend sent in the session (`close_bill`)
+    requests_total: int | None = None
+    texts_total: int | None = None
+    probe_texts: int = 0          # texts the plan's probe paid for: cache hits of this run
     failures_path: str = ""
+    error: str = ""               # why the run stopped, when it did
     wall_s: float = 0.0
     server_busy_s: float = 0.0
     db_s: float = 0.0
@@ -76,8 +88,10 @@ class RunReport:
     #: Ray engine, per worker: blocks, rows, rows per second; and Ray's start-up time
     workers: dict = field(default_factory=dict)
     ray_startup_s: float | None = None
-    #: one entry per written batch: [seconds since start, cumulative rows, request latency s]
+    #: one entry per written batch: [seconds since start, cumulative rows]
     timeline: list[list[float]] = field(default_factory=list)
+    #: the sequence's own counts and spans, summed over blocks (not saved)
+    tally: Tally = field(default_factory=Tally, repr=False)
 
     @property
     def rows_per_s(self) -> float:
@@ -102,25 +116,60 @@ class RunReport:
         self.db_s = round(merge_intervals(writes), 3)
         self.client_only_s = round(max(0.0, wall - merge_intervals(requests + writes)), 3)
 
-    def finish(self, run, backend, stats_before: dict, settings) -> "RunReport":
-        """Fill in what the run did (the local engine's `_Run`); save the failures list."""
+    def add_requests(self, backend, before: dict) -> None:
+        """What the backend sent since `before` (its counters): the run's requests."""
         stats = backend.stats()
         self.route = backend.route  # an old Ollama may have moved us to its legacy route
-        self.dim = run.dimension.value or 0
-        self.requests = stats.get("requests", 0) - stats_before.get("requests", 0)
-        self.retries = stats.get("retries", 0) - stats_before.get("retries", 0)
-        self.servers = stats.get("servers", {}) if len(stats.get("servers", {})) > 1 else {}
-        self.texts_embedded = run.texts_embedded
-        cstats = getattr(run.cache, "stats", None)
-        self.cache_entries_written = getattr(cstats, "written", 0)
-        self.cache_lines_skipped = getattr(cstats, "skipped_lines", 0)
-        self.rows_failed = len(run.failures)
-        self.failures_path = write_failures(run.failures, settings.EMBED_RUNS_DIR)
-        self.finish_timing(run.now(), run.request_spans, run.write_spans)
+        for name in ("requests", "retries", "texts_sent", "tokens"):
+            setattr(self, name, getattr(self, name) + stats.get(_COUNTER[name], 0)
+                    - before.get(_COUNTER[name], 0))
+        servers = stats.get("servers", {})
+        self.servers = servers if len(servers) > 1 else {}
+
+    def close(self, failures: list[dict], settings, *, wall: float, cache=None,
+              error: BaseException | None = None) -> "RunReport":
+        """The one place a run's report is completed, for both engines: what the sequence
+        did (`tally`, summed over Ray's blocks), the failures (saved as a file), the time.
+        A run that dies (`error`) is saved at once in EMBED_RUNS_DIR: a crash has a bill."""
+        tally = self.tally
+        self.texts_unique = max(self.texts_unique, tally.texts)
+        self.texts_embedded = tally.embedded
+        self.cache_hits, self.cache_misses = tally.hits, max(self.texts_unique - tally.hits, 0)
+        if cache is not None:
+            self.cache_entries_written = cache.stats.written
+            self.cache_lines_skipped = cache.stats.skipped_lines
+        self.rows_failed = len(failures)
+        self.failures_path = write_failures(failures, settings.EMBED_RUNS_DIR)
+        self.finish_timing(wall, tally.request_spans, tally.sink_spans)
+        if error is not None:
+            self.error = f"{type(error).__name__}: {error}"
+            path = self.save(default_report_path(settings))
+            log.warning("the run stopped; its report so far: %s", relative(path))
         return self
+
+    def close_bill(self, backend, path: Path | str | None = None) -> "RunReport":
+        """After the steps that follow the run (searches, the parity check): every request
+        the backend sent in this session, so the report's totals are the server's bill.
+        Re-saves the report at `path` when given."""
+        stats = backend.stats()
+        self.requests_total = stats.get("requests", 0)
+        self.texts_total = stats.get("texts", 0)
+        if path is not None:
+            self.save(path)
+        return self
+
+    @property
+    def bill_lines(self) -> list[str]:
+        if self.requests_total is None:
+            return []
+        others = self.requests_total - self.requests
+        return [f"bill: {self.requests_total} requests, {self.texts_total} texts sent in all: "
+                f"{self.requests} by Step 9b, {others} by the other steps (the probes, Step 9's "
+                f"sample, the helpers' demo, searches, the parity check)"]
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        del data["tally"]
         data.update(rows_per_s=round(self.rows_per_s, 1),
                     cache_hit_rate=round(self.cache_hit_rate, 4), cost_usd=self.cost_usd)
         return data
@@ -137,9 +186,15 @@ class RunReport:
             f"table {self.table}: {self.rows_written} rows written, {self.rows_unchanged} unchanged "
             f"(skipped), {self.rows_empty} empty text, {self.rows_duplicate} duplicate ids, "
             f"{self.rows_failed} failed (of {self.rows_read} read)",
-            f"embedding: {self.texts_embedded} texts embedded in {self.requests} requests "
-            f"({self.retries} retries); cache {self.cache_hits} hits / {self.cache_misses} misses",
+            f"embedding: {self.texts_embedded} texts embedded in {plural(self.requests, 'request')} "
+            f"({plural(self.retries, 'retry', 'retries')}); cache {self.cache_hits} hits / "
+            f"{self.cache_misses} misses",
         ]
+        if self.probe_texts:
+            lines.append(f"of the cache hits, {self.probe_texts} were paid for by this run's "
+                         f"Step 8 probe (its vectors were cached, not paid twice)")
+        if self.error:
+            lines.append(f"STOPPED: {self.error}")
         long = self.long_texts
         if long.get("over"):
             what = {"chunk": f"split into {long['chunks']} chunks ({self.chunks_written} written)",
@@ -161,6 +216,7 @@ class RunReport:
             lines.append(f"ids with empty text (not sent): {shown}")
         if self.failures_path:
             lines.append(f"failures listed in {relative(self.failures_path)}")
+        lines += self.bill_lines
         if timings and self.engine == "ray":
             lines.append(f"wall {self.wall_s:.2f} s, {self.rows_per_s:,.0f} rows/s (Ray start-up "
                          f"{self.ray_startup_s} s)")
@@ -176,6 +232,14 @@ class RunReport:
 
     def __str__(self) -> str:
         return "\n".join(self.summary_lines())
+
+
+def plural(n: int, one: str, many: str | None = None) -> str:
+    """
+    >>> plural(1, "request"), plural(2, "retry", "retries")
+    ('1 request', '2 retries')
+    """
+    return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
 def utc_stamp(micro: bool = False) -> str:
@@ -217,26 +281,7 @@ def start_report(plan, settings, cache) -> RunReport:
         rows_empty=len(rows.empty_ids), empty_ids=rows.empty_ids,
         rows_duplicate=rows.duplicate_ids, rows_unchanged=plan.rows_unchanged,
         texts_unique=len(plan.pieces.texts), cache_hits=len(plan.cached),
+        probe_texts=plan.probe_texts,
         cache_misses=len(plan.to_embed), cache_path=cache.describe() if cache is not None else "",
         gpu_hourly_usd=settings.GPU_HOURLY_USD,
         long_texts={**long.__dict__, "share_beyond": round(long.share_beyond, 4)})
-
-
-def plot_timeline(report: RunReport):
-    """One plot: cumulative rows over time, with each batch's request latency."""
-    import matplotlib.pyplot as plt
-
-    fig, rows_ax = plt.subplots(figsize=(7, 3))
-    points = report.timeline
-    rows_ax.plot([p[0] for p in points], [p[1] for p in points], color="tab:blue")
-    rows_ax.set_xlabel("seconds since start")
-    rows_ax.set_ylabel("rows written", color="tab:blue")
-    timed = [p for p in points if p[2] is not None]
-    if timed:
-        latency_ax = rows_ax.twinx()
-        latency_ax.scatter([p[0] for p in timed], [p[2] for p in timed], s=10, color="tab:orange")
-        latency_ax.set_ylabel("request latency (s)", color="tab:orange")
-    rows_ax.set_title(f"{report.rows_written} rows in {report.wall_s:.1f} s "
-                      f"({report.requests} requests, {report.cache_hits} cache hits)")
-    fig.tight_layout()
-    return fig

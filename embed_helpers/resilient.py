@@ -2,8 +2,10 @@
 
 Backends only know `embed_batch(texts)`. Everything that makes a run survive a real server
 lives here, once: a batch too large (413, or too many tokens) is split in halves and the
-size that worked remembered, a batch failing on its content is bisected until the bad
-inputs are found (about log2(batch) extra requests each), and vectors are checked (count,
+size that worked remembered, a batch the server refuses for its content (a 400/422 that
+is about the input) is bisected until the bad inputs are found (about log2(batch) extra
+requests each); any other failure is the server's, already retried once by `http`, and
+stops the run, and vectors are checked (count,
 dimension, finite values) before anyone writes them.
 """
 from __future__ import annotations
@@ -17,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from .constants import BISECT_FAILURE_SLACK, PREVIEW_CHARS
-from .errors import (AuthenticationError, BackendError, BackendUnreachable, BadInput,
-                     BatchTooLarge, EmbeddingValidationError, ModelNotFound)
+from .errors import (BackendError, BadInput, BatchTooLarge, EmbeddingValidationError,
+                     SomeInputsFailed)
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,20 @@ def preview(text: str) -> str:
 
 @dataclass
 class Failure:
-    """One input that got no vector: where it is, what it starts with, why."""
+    """One input that got no vector: where it is (its position in the caller's list, and
+    the row id when it is a row), what it starts with, why, and the HTTP status if any.
+    The one failure type: `embed_resilient`, every driver and the failures file use it."""
 
     position: int
     preview: str
     reason: str
     status: int | None = None
+    id: str | None = None
+
+    def record(self) -> dict:
+        """One line of the failures file (`runs/failures-<time>.jsonl`)."""
+        return {"id": self.id, "reason": self.reason, "text_preview": self.preview,
+                "status": self.status}
 
 
 class BatchSizer:
@@ -76,6 +86,12 @@ class Dimension:
     def __init__(self, expected: int | None = None, source: str = "EMBEDDING_DIM"):
         self.value, self.expected, self.source = expected, expected is not None, source
         self._lock = threading.Lock()
+
+    def adopt(self, value: int, source: str) -> None:
+        """Take a dimension found after the start (the cache holds one for this model)."""
+        with self._lock:
+            if self.value is None:
+                self.value, self.expected, self.source = value, True, source
 
     def check(self, got: int, route: str, model: str) -> None:
         with self._lock:
@@ -125,12 +141,17 @@ class _Resilient:
             if ok and self.sizer:
                 self.sizer.shrink(half)
             return ok
-        except (BackendUnreachable, AuthenticationError, ModelNotFound):
-            raise
-        except BackendError as exc:
-            content = isinstance(exc, BadInput) or (exc.status or 0) >= 500
-            if not content:
-                raise  # 429 after all retries, wrong route...: bisecting cannot help
+        except SomeInputsFailed as exc:  # the backend knows which texts were refused
+            for position, error in exc.errors.items():
+                self.fail(offset + position, batch[position], error)
+            if len(exc.errors) < len(batch):
+                self.failed_in_a_row = 0
+                self.accept(offset, batch, np.asarray(exc.vectors, np.float32), set(exc.errors))
+            return False
+        except BadInput as exc:
+            # Only an error about the input is worth halving the batch for: a 5xx, a 429 or
+            # a timeout left after `http`'s retries says the server is failing, and halves
+            # would only multiply the requests (one retry layer: `http`).
             self.failed_in_a_row += 1
             if self.failed_in_a_row > self.max_failed_in_a_row:
                 raise BackendError(
@@ -151,7 +172,8 @@ class _Resilient:
                                      exc.status))
         return False
 
-    def accept(self, offset: int, batch: list[str], vectors: np.ndarray) -> bool:
+    def accept(self, offset: int, batch: list[str], vectors: np.ndarray,
+               refused: set[int] = frozenset()) -> bool:
         route, model = self.backend.route, self.backend.model
         if vectors.ndim != 2 or vectors.shape[0] != len(batch):
             raise EmbeddingValidationError(
@@ -164,6 +186,8 @@ class _Resilient:
         self.dimension.check(vectors.shape[1], route, model)
         good = np.isfinite(vectors).all(axis=1)
         for i in np.flatnonzero(~good):
+            if int(i) in refused:
+                continue
             self.failures.append(Failure(offset + int(i), preview(batch[i]),
                                          "the vector contains NaN or infinite values", None))
         self.parts.append((offset, vectors, good))

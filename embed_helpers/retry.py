@@ -1,7 +1,7 @@
 """When to retry and how long to wait: two pure functions, the one retry policy.
 
 The policy is openai-python's: retry connection errors, timeouts, 408, 409, 429
-and 5xx; wait what the server asks (`retry-after-ms`, `Retry-After` in seconds or
+and 5xx (not 501 and 505, which say the route will never work); wait what the server asks (`retry-after-ms`, `Retry-After` in seconds or
 as an HTTP date) up to a cap, else an exponential backoff with jitter. Only
 `embed_helpers.http` calls these, so there is one retry layer.
 """
@@ -16,7 +16,8 @@ from typing import Mapping
 
 import requests
 
-from .constants import JITTER, MAX_RETRY_AFTER_S, MAX_RETRY_DELAY_S, RETRYABLE_STATUSES
+from .constants import (JITTER, MAX_RETRY_AFTER_S, MAX_RETRY_DELAY_S, NEVER_RETRIED_STATUSES,
+                        RETRYABLE_STATUSES)
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,8 @@ _RETRYABLE_EXCEPTIONS = (requests.ConnectionError, requests.Timeout,
 def should_retry(outcome: int | BaseException) -> bool:
     """Whether a status code or a transport exception is worth another attempt.
 
-    >>> [should_retry(s) for s in (200, 400, 401, 404, 408, 409, 413, 429, 500, 503)]
-    [False, False, False, False, True, True, False, True, True, True]
+    >>> [should_retry(s) for s in (200, 400, 401, 404, 408, 409, 413, 429, 500, 501, 503)]
+    [False, False, False, False, True, True, False, True, True, False, True]
     >>> should_retry(requests.ConnectTimeout()), should_retry(ValueError())
     (True, False)
     """
@@ -39,7 +40,8 @@ def should_retry(outcome: int | BaseException) -> bool:
                     and not isinstance(outcome, requests.exceptions.SSLError))
         what = type(outcome).__name__
     else:
-        decision = outcome in RETRYABLE_STATUSES or outcome >= 500
+        decision = outcome in RETRYABLE_STATUSES or (outcome >= 500
+                                                     and outcome not in NEVER_RETRIED_STATUSES)
         what = f"HTTP {outcome}"
     log.debug("retry decision: %s -> %s", what, "retry" if decision else "give up")
     return decision

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from .config import mask_url
@@ -32,7 +32,6 @@ class Server:
     failures_in_a_row: int = 0
     set_asides: int = 0
     back_at: float = 0.0          # monotonic time it may be used again
-    spans: list[tuple[float, float]] = field(default_factory=list)   # successful requests
 
     def stats(self) -> dict:
         ok = self.requests - self.errors
@@ -86,9 +85,7 @@ class ServerPool:
                 server.failures_in_a_row = 0
                 server.back_at = 0.0
                 if started is not None:
-                    end = time.perf_counter()
-                    server.latency_s += end - started
-                    server.spans.append((started, end))
+                    server.latency_s += time.perf_counter() - started
                 return
             server.errors += 1
             server.failures_in_a_row += 1
@@ -113,6 +110,3 @@ class ServerPool:
         with self._lock:
             return {mask_url(s.url): s.stats() for s in self.servers}
 
-    def busy_spans(self) -> dict[str, list[tuple[float, float]]]:
-        with self._lock:
-            return {mask_url(s.url): list(s.spans) for s in self.servers}

@@ -19,6 +19,8 @@ from .errors import ConfigError, DataError
 from .pieces import Pieces, mean_vector
 from .plan import Plan, make_plan
 from .report import RunReport
+from .resilient import Dimension
+from .sequence import EmbedSequence
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -106,8 +108,8 @@ def rows_of(df, target: Target) -> core.Rows:
 def plan_ingest(df, target: Target, *, settings: Settings, conn, backend: Backend, cache,
                 dim: int | None = None, probe: bool = False) -> Plan:
     """Step 8: count what the run will do; creates nothing. `probe=True` times one real
-    batch (its vectors go to the cache, so the probe is not paid twice) to estimate time
-    and cost."""
+    batch through the embedding sequence (its vectors go to the cache, so the probe is not
+    paid twice) to estimate time and cost."""
     source = "Step 6" if dim else ""
     if not dim:
         dim, source = core.known_dimension(settings, backend.identity(), conn=conn,
@@ -117,36 +119,72 @@ def plan_ingest(df, target: Target, *, settings: Settings, conn, backend: Backen
                      dim=dim, dim_source=source)
     if probe and plan.to_embed and not settings.EMBED_CACHE_ONLY \
             and settings.EMBED_EXPECTED_TEXTS_PER_S is None and cache is not None:
-        from .resilient import BatchSizer, Dimension
         sample = plan.batches()[0]
-        dimension = Dimension(dim, source or "the probe batch")
+        sequence = EmbedSequence(backend, cache, settings,
+                                 dimension=Dimension(dim, source or "the probe batch"))
         t0 = time.perf_counter()
-        texts, vectors, failures = core.embed(backend, sample, sizer=BatchSizer(len(sample)),
-                                              dimension=dimension)
+        tally = sequence.run(Pieces(sample, sample, backend.window), _Discard(), slots=1)
         elapsed = time.perf_counter() - t0
-        core.remember(cache, backend.identity(dimension.value), texts, vectors, failures)
         plan = make_plan(rows, target, conn=conn, backend=backend, cache=cache,
-                         settings=settings, dim=dimension.value, dim_source=source or
+                         settings=settings, dim=sequence.dimension.value, dim_source=source or
                          "the probe batch")
-        plan.texts_per_s = len(sample) / elapsed if elapsed > 0 else None
+        plan.texts_per_s = len(sample) / elapsed if elapsed > 0 and tally.embedded else None
+        plan.probe_texts = tally.embedded
     return plan
+
+
+class _Discard:
+    """The probe's sink: its vectors are in the cache, the run will find them there."""
+
+    def deliver(self, done) -> None:
+        """Nothing to keep."""
+
+    def fail(self, rows, failure) -> None:
+        log.info("the probe batch could not embed %d text(s): %s", len(rows), failure.reason)
+
+
+def run_plan(plan: Plan, *, conn, backend: Backend, cache, settings: Settings,
+             progress: bool = True) -> RunReport:
+    """Step 9b: carry out a plan on the engine EMBED_ENGINE names (the one place the
+    engine is chosen). Without a known dimension, the table is created when the first
+    batch says it (no probe request). A plan can be run again (after a failure, or to
+    finish what another process left): each run starts from what is stored and cached."""
+    if plan.runs:  # rows stored since the plan was made are not new any more
+        plan.stored_ids |= set(db.stored_state(conn, plan.target.table, plan.target.id_col,
+                                               plan.target.text_col, plan.target.chunks_table,
+                                               plan.rows.ids))
+    plan.runs += 1
+    if settings.EMBED_ENGINE == "ray":
+        from .engine_ray import run_plan_ray
+        return run_plan_ray(plan, settings=settings, backend=backend, cache=cache,
+                            progress=progress)
+    from .pipeline import run_local
+    return run_local(plan, conn=conn, backend=backend, cache=cache, settings=settings,
+                     progress=progress)
 
 
 def ingest(df, target: Target, *, settings: Settings, conn, backend: Backend, cache,
            dim: int | None = None, progress: bool = True) -> RunReport:
-    """Step 9b: plan, then embed what is missing and write what changed, on the engine
-    EMBED_ENGINE names. Without a known dimension, the table is created when the first
-    batch says it (no probe request)."""
-    if settings.EMBED_ENGINE == "ray":
-        from .engine_ray import ingest_ray
-        return ingest_ray(df, target, settings=settings, progress=progress)
-    from .pipeline import run_plan
+    """Steps 8 and 9b: plan, then embed what is missing and write what changed."""
     plan = plan_ingest(df, target, settings=settings, conn=conn, backend=backend, cache=cache,
                        dim=dim)
-    if plan.identity.dim:
-        db.create_table(conn, target.table, target.id_col, target.text_col, plan.identity.dim)
     return run_plan(plan, conn=conn, backend=backend, cache=cache, settings=settings,
                     progress=progress)
+
+
+def insert_rows(conn, target: Target, ids, texts, vectors: np.ndarray,
+                method: str = "execute_values") -> int:
+    """The design card's insert, for rows embedded by hand (`batch_embed`): one
+    transaction, keyed by id (a row already there is updated). Rows whose vector failed
+    (NaN) are left out. Returns the rows written."""
+    ids, texts, vectors = [str(i) for i in ids], [str(t) for t in texts], np.asarray(vectors)
+    good = [i for i in range(len(ids)) if np.isfinite(vectors[i]).all()]
+    if not good:
+        return 0
+    db.create_table(conn, target.table, target.id_col, target.text_col, vectors.shape[1])
+    return db.write_rows(conn, target.table, target.id_col, target.text_col,
+                         [ids[i] for i in good], [texts[i] for i in good], vectors[good],
+                         method=method, chunks_table=target.chunks_table)
 
 
 def build_index(conn, target: Target, settings: Settings, dim: int) -> str:
@@ -231,5 +269,5 @@ def semantic_search(conn, backend: Backend, target: Target, query: str,
 
 
 __all__ = ["RawInput", "load_raw", "clean_raw", "build_rows", "open_cache", "discover_dimension",
-           "plan_ingest", "ingest", "build_index", "ingest_per_row", "parity_check",
+           "plan_ingest", "run_plan", "ingest", "insert_rows", "build_index", "ingest_per_row", "parity_check",
            "semantic_search"]

@@ -95,6 +95,7 @@ class FakeEmbeddingServer:
         self.max_input_tokens: int | None = None
         self.refuse_base64 = False             # 400 on encoding_format=base64
         self.ignore_base64 = False             # answer floats whatever was asked
+        self.fail_after: int | None = None     # 503 to every request after this many answered
         if latency:
             self.max_batch, self.rate_429, self.rate_5xx = latency.max_batch, latency.rate_429, latency.rate_5xx
             self.retry_after_s = latency.retry_after_s
@@ -233,6 +234,9 @@ class FakeEmbeddingServer:
                               code="rate_limit_exceeded", headers=headers)
         if draws.random() < self.rate_5xx:
             return self.error(req, route, draws.choice((500, 502, 503)), "server overloaded")
+        if self.fail_after is not None and len(self.batch_sizes) >= self.fail_after:
+            # a server that went down midway
+            return self.error(req, route, 503, "server went away")
         if self._take_slow():
             time.sleep(self.slow_s)  # past the client's timeout: it has given up by now
         if self.max_batch is not None and len(texts) > self.max_batch:

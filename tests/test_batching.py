@@ -12,6 +12,7 @@ from embed_helpers import batching, http, resilient
 from embed_helpers.backends.base import Backend
 from embed_helpers.batching import batch_embed, chunked
 from embed_helpers.cache import EmbeddingCache
+from embed_helpers.cache_store import CacheStore, MemoryStore
 from embed_helpers.config import load_settings
 from embed_helpers.errors import (BackendError, BackendUnreachable, BadInput, BatchTooLarge,
                                   EmbeddingFailures, EmbeddingValidationError)
@@ -99,14 +100,17 @@ def test_bisection_finds_bad_inputs_with_about_log2_requests_each(bad):
     assert len(backend.calls) <= 1 + len(bad) * 2 * math.ceil(math.log2(100))
 
 
-def test_server_error_left_after_retries_is_bisected_too():
+def test_a_server_error_left_after_the_retries_stops_at_once_not_bisected():
+    """One retry layer: `http` retried the 5xx already; halving the batch would only send
+    more requests to a failing server (90 for one batch of 64, before)."""
     backend = FakeBackend(server_error={TEXTS[7]})
-    _, failures = embed_resilient(backend, TEXTS)
-    assert [(f.position, f.status, f.reason) for f in failures] == [(7, 500, "crashed")]
+    with pytest.raises(BackendError, match="crashed"):
+        embed_resilient(backend, TEXTS)
+    assert len(backend.calls) == 1
 
 
-def test_a_dead_server_is_not_bisected_to_the_bottom():
-    backend = FakeBackend(server_error=set(TEXTS))
+def test_a_server_that_refuses_every_input_is_not_bisected_to_the_bottom():
+    backend = FakeBackend(poison=set(TEXTS))
     with pytest.raises(BackendError, match="reject everything"):
         embed_resilient(backend, TEXTS)
     assert len(backend.calls) < 2 * 100 - 1  # full bisection would cost 199 requests
@@ -217,35 +221,16 @@ def test_empty_texts_fail_without_being_sent():
     assert np.isnan(result.vectors[[1, 2]]).all()
 
 
-class MemoryCache:
-    """The store API (get_many / put_many / dims by identity), in a dict of cache keys."""
-
-    def __init__(self):
-        self.data, self.identities = {}, set()
-
-    def get_many(self, identity, texts):
-        return {t: self.data[identity.key(t)] for t in texts if identity.key(t) in self.data}
-
-    def put_many(self, identity, texts, vectors):
-        self.identities.add(identity)
-        new = [k for k in identity.keys(texts) if k not in self.data]
-        self.data.update(zip(identity.keys(texts), np.asarray(vectors)))
-        return len(new)
-
-    def dims(self, route, model, normalized):
-        return sorted({i.dim for i in self.identities
-                       if (i.route, i.model, i.normalized) == (route, model, normalized)})
-
-
 def test_batch_embed_with_a_cache_embeds_each_text_once():
-    cache, backend = MemoryCache(), FakeBackend(EMBED_BATCH_SIZE=10)
+    cache, backend = MemoryStore(), FakeBackend(EMBED_BATCH_SIZE=10)
     first = batch_embed(TEXTS[:30], backend, cache=cache)
     second = batch_embed(TEXTS[:40], backend, cache=cache)
     assert len(cache.data) == 40 and first.cache_hits == 0 and second.cache_hits == 30
     assert sum(len(c) for c in backend.calls) == 40
     np.testing.assert_array_equal(second.vectors, want(TEXTS[:40]))
     # The keys are the backend's identity with the dimension learned from the first batch.
-    assert cache.identities == {Identity("fake", "fake-model", DIM, True)}
+    assert {(m["route"], m["model"], m["dim"], m["normalized"]) for m in cache.meta.values()} \
+        == {("fake", "fake-model", DIM, True)}
     key = cache_key("fake", "fake-model", DIM, True, TEXTS[0])
     np.testing.assert_array_equal(cache.data[key], want(TEXTS[:1])[0])
 
@@ -263,3 +248,22 @@ def test_batch_embed_with_the_real_cache(tmp_path):
     np.testing.assert_array_equal(result.vectors, want(TEXTS))
     assert sorted(found) == sorted(TEXTS)
     np.testing.assert_array_equal(np.stack([found[t] for t in TEXTS]), want(TEXTS))
+
+
+def test_every_store_is_a_cache_store(tmp_path):
+    """The protocol is declared once and all three stores implement it (the PostgreSQL one
+    in tests/test_cache_pg.py)."""
+    assert isinstance(MemoryStore(), CacheStore)
+    assert isinstance(EmbeddingCache(tmp_path / "c.jsonl"), CacheStore)
+
+
+def test_the_cache_only_brake_sends_nothing_and_names_each_miss():
+    cache, backend = MemoryStore(), FakeBackend(EMBED_BATCH_SIZE=2)
+    batch_embed(TEXTS[:1], backend, cache=cache)
+    calls = len(backend.calls)
+    braked = FakeBackend(EMBED_BATCH_SIZE=2, EMBED_CACHE_ONLY=True)
+    result = batch_embed(TEXTS[:3], braked, cache=cache, on_failure="return")
+    assert braked.calls == [] and len(backend.calls) == calls
+    assert [(f.position, f.preview) for f in result.failures] == [(1, TEXTS[1]), (2, TEXTS[2])]
+    assert all("EMBED_CACHE_ONLY" in f.reason for f in result.failures)
+    np.testing.assert_array_equal(result.vectors[0], want(TEXTS[:1])[0])

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -206,7 +207,7 @@ def test_sigkill_while_writing_leaves_a_file_that_loads(tmp_path):
     cache = EmbeddingCache(path)
     entries = cache.stats.entries
     assert entries >= batch and cache.stats.skipped_lines == int(torn)
-    got = cache.get_many(W.with_dim(dim), [f"k{i}" for i in range(entries)])
+    got = cache.get_many(replace(W, dim=dim), [f"k{i}" for i in range(entries)])
     assert len(got) == entries  # whole lines in order: the first `entries` texts
     np.testing.assert_array_equal(got["k7"], vec("k7", dim))
     # A rerun writes only what was lost, after ending a torn last line if there is one.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -170,7 +171,7 @@ def test_doctor_report(path, nowhere, make_settings):
            "(you: 'mxbai-embed-large')" in report
     same = Identity(ROUTE, "nomic-embed-text", None, True)
     assert "2 of 2 entries" in doctor.doctor_report(cache, same, search_roots=nowhere)
-    assert "0 of 2 entries" in doctor.doctor_report(cache, same.with_dim(16),
+    assert "0 of 2 entries" in doctor.doctor_report(cache, replace(same, dim=16),
                                                     search_roots=nowhere)
     missing = doctor.doctor_report(store(path.with_name("x.jsonl")), same, search_roots=nowhere)
     assert doctor.ADVICE[doctor.CACHE_MISSING] in missing

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -85,7 +86,7 @@ def test_identity_changes_miss(pg):
     put(pg, ["x"])
     for changed in [Identity(ID.route, "all-minilm", DIM, True),
                     Identity("ollama:/api/embeddings", ID.model, DIM, True),
-                    ID.with_dim(2 * DIM), Identity(ID.route, ID.model, DIM, False)]:
+                    replace(ID, dim=2 * DIM), Identity(ID.route, ID.model, DIM, False)]:
         assert pg.get_many(changed, ["x"]) == {} and pg.contains(changed, ["x"]) == set()
     assert pg.get_many(ID, ["X", "x "]) == {} and set(pg.get_many(ID, ["x"])) == {"x"}
 
@@ -98,9 +99,9 @@ def test_contains_reads_no_vector_and_counts_no_lookup(pg):
 
 def test_dims(pg):
     assert pg.dims(ID.route, ID.model, True) == []
-    put(pg, ["a"], ID.with_dim(8))
+    put(pg, ["a"], replace(ID, dim=8))
     put(pg, ["a", "b"])
-    put(pg, ["a"], ID.with_dim(1024))
+    put(pg, ["a"], replace(ID, dim=1024))
     put(pg, ["z"], Identity(ID.route, ID.model, 4, False))
     assert pg.dims(ID.route, ID.model, True) == [8, DIM, 1024]
     assert pg.dims(ID.route, ID.model, False) == [4]

@@ -118,16 +118,19 @@ def test_papermill_from_another_directory(fake_server, tmp_path, conn, table):
     result = subprocess.run(
         [sys.executable, "-m", "papermill", str(NOTEBOOK_PATH), str(out), "-p", "EMBED_BATCH_SIZE",
          "128", "-p", "LIMIT", "12", "-p", "TABLE_NAME", table, "-p", "RUN_REPORT_PATH",
-         str(tmp_path / "report.json"), "-p", "RUN_STEP9", "True"],
+         str(tmp_path / "report.json")],
         env=cli_env(fake_server, tmp_path), cwd=tmp_path, capture_output=True, text=True,
         timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["rows_written"] == 12 and report["batch_size"] == 128
     assert count(conn, table) == 12
-    # Step 9, the per-row alternate, wrote the same rows into its own table
+    # Step 9, the per-row loop, runs by default on a sample (STEP9_ROWS=20: all 12 here)
     assert count(conn, table + "_step9") == 12
     db.drop_table(conn, table + "_step9")
+    # The report is the bill: every request any step sent, as the server counted them
+    assert report["requests_total"] == fake_server.total_requests()
+    assert report["texts_total"] == fake_server.total_texts()
 
 
 def test_notebook_twice_second_step_9b_is_all_cache_hits(fake_server, tmp_path, conn, table):
@@ -138,15 +141,20 @@ def test_notebook_twice_second_step_9b_is_all_cache_hits(fake_server, tmp_path, 
         assert done.returncode == 0, done.stderr[-2000:]
         return json.loads((tmp_path / "out.report.json").read_text()), done.stdout
 
-    first, _ = run_notebook()
-    # Step 8's timing probe already embedded (and cached) the first batch
+    first, _ = run_notebook("--param", "STEP9_ROWS=0")
+    # Step 8's timing probe already embedded (and cached) the first batch, and says so
     assert first["rows_written"] == 8 and first["texts_embedded"] + first["cache_hits"] == 8
+    assert first["probe_texts"] == 8 and first["cache_hits"] == 8
+    assert first["requests_total"] == fake_server.total_requests()  # the bill, cold
+    assert first["texts_total"] == fake_server.total_texts()
     fake_server.reset()
-    second, stdout = run_notebook("--param", "RESET_TABLE=True")  # table dropped: cache only
+    second, stdout = run_notebook("--param", "RESET_TABLE=True", "--param", "STEP9_ROWS=0")
     assert second["cache_hits"] == 8 and second["cache_hit_rate"] == 1.0
     assert second["rows_written"] == 8 and second["texts_embedded"] == 0
     assert second["requests"] == 0  # Step 9b sent nothing (Verification's searches do send)
     assert fake_server.total_texts() == 3 + 11  # 3 search queries, the parity check's 5 + 1 + 5
+    assert second["requests_total"] == fake_server.total_requests()  # the bill, warm
+    assert second["texts_total"] == fake_server.total_texts() == 14
     assert "cache hits 8" in stdout and "executed notebook:" in stdout
 
 

@@ -88,8 +88,18 @@ def test_stored_state_hashes_match_python_md5(conn, table):
 def test_table_for_another_dimension_is_refused(conn, table):
     db.create_table(conn, table, "id", "text", 4)
     db.create_table(conn, table, "id", "text", 4)  # same dimension: fine
+    db.write_rows(conn, table, "id", "text", ["a"], ["x"], unit_vectors(1, 4))
     with pytest.raises(DataError, match=r"dimension 4, but the model gives 8.*TABLE_NAME"):
         db.create_table(conn, table, "id", "text", 8)
+    assert db.table_dimension(conn, table) == 4 and db.count_rows(conn, table)["rows"] == 1
+
+
+def test_an_empty_table_of_another_dimension_is_made_again(conn, table):
+    """A run stopped at its first batch by a wrong EMBEDDING_DIM left an empty table: the
+    corrected rerun must not be blocked by it (it holds nothing to lose)."""
+    db.create_table(conn, table, "id", "text", 4)
+    db.create_table(conn, table, "id", "text", 8)
+    assert db.table_dimension(conn, table) == 8
 
 
 def test_concurrent_create_table_of_one_new_name_does_not_fail(conn, table, make_settings):

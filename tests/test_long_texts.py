@@ -172,7 +172,7 @@ def test_identical_texts_are_sent_once(abstracts, window):
     pieces = Pieces(["a", "b", "c", "d", "e"], [short, short, other, long, long], window)
     assert len(pieces.texts) == 2 + len(pieces.spans[3]) == len(set(pieces.texts))
     vectors = unit_rows(len(pieces.texts))
-    done = pieces.deliver(pieces.texts, vectors)
+    done = pieces.assembly().deliver(pieces.texts, vectors)
     assert sorted(done.rows) == [0, 1, 2, 3, 4]  # every row once
     by_row = dict(zip(done.rows, done.vectors))
     assert np.array_equal(by_row[0], by_row[1]) and np.array_equal(by_row[3], by_row[4])
@@ -191,9 +191,10 @@ def test_a_split_row_completes_when_all_its_chunks_arrived(abstracts, window):
     assert len(spans) >= 3
     chunk_texts = [long[s:e] for s, e in spans]
     vectors = unit_rows(len(spans))
-    early = pieces.deliver(chunk_texts[:-1] + [short], np.vstack([vectors[:-1], unit_rows(1)]))
+    run = pieces.assembly()
+    early = run.deliver(chunk_texts[:-1] + [short], np.vstack([vectors[:-1], unit_rows(1)]))
     assert early.rows == [1] and early.chunks == []  # the short row, not the long one yet
-    done = pieces.deliver(chunk_texts[-1:], vectors[-1:])
+    done = run.deliver(chunk_texts[-1:], vectors[-1:])
     assert done.rows == [0]
     mean = vectors.astype(np.float64).mean(axis=0)
     np.testing.assert_allclose(done.vectors[0], mean / np.linalg.norm(mean), atol=1e-6)
@@ -210,10 +211,24 @@ def test_fail_kills_every_row_containing_the_text(abstracts, window):
     pieces = Pieces(list("abcde"), [short, short, other, long, longer], window)
     first = long[slice(*pieces.spans[3][0])]
     assert first == longer[slice(*pieces.spans[4][0])]  # both long rows start alike
-    assert pieces.fail(short) == [0, 1] and pieces.fail(short) == []
-    assert pieces.fail(first) == [3, 4]
-    done = pieces.deliver(pieces.texts, unit_rows(len(pieces.texts)))
+    run = pieces.assembly()
+    assert run.fail(short) == [0, 1] and run.fail(short) == []
+    assert run.fail(first) == [3, 4]
+    done = run.deliver(pieces.texts, unit_rows(len(pieces.texts)))
     assert done.rows == [2]
+
+
+def test_a_second_run_of_the_same_pieces_completes_every_row_again(abstracts, window):
+    """Run state belongs to the run: the plan's pieces are never used up."""
+    _lid, long, _ = next(r for r in long_ones(abstracts) if r[2] > 2 * WINDOW)
+    (_sid, short, _), = short_ones(abstracts, 1)
+    pieces = Pieces(["long", "short"], [long, short], window, "chunk", OVERLAP)
+    vectors = unit_rows(len(pieces.texts))
+    first = pieces.assembly()
+    first.deliver(pieces.texts[:1], vectors[:1])  # a run that died after one chunk
+    again = pieces.assembly().deliver(pieces.texts, vectors)
+    assert sorted(again.rows) == [0, 1] and len(again.chunks) == len(pieces.spans[0])
+    assert first.deliver(pieces.texts, vectors).rows == [0, 1]
 
 
 def test_long_texts_figures(abstracts, window, tok):

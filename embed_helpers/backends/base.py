@@ -72,10 +72,6 @@ class Backend:
         """Counters for the run report (requests, retries, per server...)."""
         return {}
 
-    def busy_spans(self) -> dict[str, list[tuple[float, float]]]:
-        """When each server was answering us (perf_counter times), for the report."""
-        return {}
-
     def close(self) -> None:
         """Release connections or models."""
 

@@ -40,7 +40,7 @@ class LocalBackend(Backend):
         super().__init__(settings)
         self._model = None
         self.device = None
-        self._requests = 0
+        self._requests = self._texts = 0
 
     @property
     def source(self) -> Path:
@@ -86,10 +86,11 @@ class LocalBackend(Backend):
         if self._model is None:
             self._load()
         self._requests += 1
+        self._texts += len(texts)
         vectors = self._model.encode(list(texts), batch_size=max(len(texts), 1),
                                      normalize_embeddings=True, convert_to_numpy=True,
                                      show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)
 
     def stats(self) -> dict:
-        return {"requests": self._requests, "device": self.device}
+        return {"requests": self._requests, "texts": self._texts, "device": self.device}

@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 
 from ..config import Settings, mask_url
-from ..constants import LEGACY_PENDING_MAX, OLLAMA_DEFAULT_CONTEXT, SPECIAL_TOKENS_MARGIN
-from ..errors import BackendError, ModelNotFound
+from ..constants import OLLAMA_DEFAULT_CONTEXT, SPECIAL_TOKENS_MARGIN
+from ..errors import BackendError, BadInput, ModelNotFound, SomeInputsFailed
 from ..http import rows_to_array
 from ..identity import Identity
 from ..tokens import EstimatedTokens, Window
@@ -66,9 +66,6 @@ class OllamaBackend(RemoteBackend):
         self._legacy = False
         self._resolved = False
         self._lock = threading.Lock()
-        # Legacy route only: vectors of a batch that failed as a whole, so that the
-        # bisection above us does not pay one request per good text again.
-        self._pending: dict[str, np.ndarray] = {}
         self._pool: ThreadPoolExecutor | None = None
 
     @property
@@ -139,32 +136,31 @@ class OllamaBackend(RemoteBackend):
                             self.settings.EMBED_MAX_CONCURRENCY)
 
     def _embed_one(self, text: str) -> np.ndarray:
-        with self._lock:
-            cached = self._pending.pop(text, None)
-        if cached is not None:
-            return cached
         body = self.http.post_json(LEGACY_PATH, {"model": self.model, "prompt": text}, texts=1)
         return rows_to_array([body.get("embedding") or []], 1, backend=self.name)[0]
 
     def _embed_legacy(self, texts: list[str]) -> np.ndarray:
+        """One request per text, `slots` at a time. Texts the server refused are named in
+        `SomeInputsFailed` with the good vectors; any other failure stops the batch."""
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="ollama-legacy")
         futures = [self._pool.submit(self._embed_one, text) for text in texts]
-        rows, error = [], None
-        for text, future in zip(texts, futures):
+        rows, refused = [], {}
+        for position, future in enumerate(futures):
             try:
                 rows.append(future.result())
-            except BackendError as exc:
-                error = error or exc
+            except BadInput as exc:
+                refused[position] = exc
                 rows.append(None)
-        if error is None:
+        if not refused:
             return rows_to_array(rows, len(texts), backend=self.name)
-        with self._lock:
-            if len(self._pending) > LEGACY_PENDING_MAX:
-                self._pending.clear()
-            self._pending.update({t: r for t, r in zip(texts, rows) if r is not None})
-        raise error
+        dim = next((len(r) for r in rows if r is not None), 0)
+        vectors = np.full((len(texts), dim), np.nan, dtype=np.float32)
+        for position, row in enumerate(rows):
+            if row is not None:
+                vectors[position] = row
+        raise SomeInputsFailed(vectors, refused)
 
     def close(self) -> None:
         if self._pool is not None:

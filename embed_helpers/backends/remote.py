@@ -33,8 +33,5 @@ class RemoteBackend(Backend):
     def stats(self) -> dict:
         return {**self.http.stats(), "route": self.route}
 
-    def busy_spans(self) -> dict[str, list[tuple[float, float]]]:
-        return self.http.pool.busy_spans()
-
     def close(self) -> None:
         self.http.close()

@@ -1,0 +1,278 @@
+"""The embedding sequence: the one loop from texts to vectors that every driver runs.
+
+    look up the cache -> cache-only brake -> cut batches as the sizer says -> lease
+      -> embed (resilient) -> remember in the cache -> settle -> the driver's sink
+      -> texts another run was embedding: wait for its vectors, then again
+
+The local engine, the Ray worker, `batch_embed` / `abatch_embed`, the `Embedder` and the
+plan's probe all call `EmbedSequence.run`; each supplies only its concurrency (`slots`)
+and its sink (return vectors, write rows, claim and write). A fix here reaches them all.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .constants import CACHE_LEASE_POLL_S, WRITE_CHUNK_ROWS
+from .identity import Identity
+from .pieces import Assembly, Done, Pieces
+from .resilient import BatchSizer, Dimension, Failure, embed_resilient, preview
+
+log = logging.getLogger(__name__)
+
+CACHE_ONLY_REASON = "not in the cache (EMBED_CACHE_ONLY=1): run without it to embed"
+
+
+def batch_size(settings, backend) -> int:
+    """EMBED_BATCH_SIZE, clamped to the most texts the backend takes in one request."""
+    return min(settings.EMBED_BATCH_SIZE, backend.max_batch or settings.EMBED_BATCH_SIZE)
+
+
+class Sink(Protocol):
+    """Where a driver wants the results of a run, called from the run's own thread."""
+
+    def deliver(self, done: Done) -> None:
+        """Rows completed (positions in the pieces), one vector each, and their chunks."""
+
+    def fail(self, rows: list[int], failure: Failure) -> None:
+        """Rows that get no vector, and why."""
+
+
+@dataclass
+class Tally:
+    """What one run of the sequence did: the figures of the report that it owns."""
+
+    texts: int = 0              # distinct texts the rows need (chunks counted)
+    hits: int = 0               # found in the cache, before or during the run
+    embedded: int = 0           # embedded by this run's requests
+    failed: int = 0             # texts that got no vector
+    waits: int = 0              # times it waited for another run's vectors
+    request_spans: list[tuple[float, float]] = field(default_factory=list)
+    sink_spans: list[tuple[float, float]] = field(default_factory=list)
+
+    def add(self, other: "Tally") -> None:
+        for name in ("texts", "hits", "embedded", "failed", "waits"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.request_spans += other.request_spans
+        self.sink_spans += other.sink_spans
+
+
+class BatchCutter:
+    """Texts waiting to be sent, cut into batches when asked: at most the sizer's size (which
+    shrinks when a server says "too large") and the window's tokens per request."""
+
+    def __init__(self, pieces: Pieces, window, sizer: BatchSizer):
+        self.pieces, self.window, self.sizer = pieces, window, sizer
+        self.queue: deque[str] = deque()
+
+    def add(self, texts) -> None:
+        self.queue.extend(texts)
+
+    def __bool__(self) -> bool:
+        return bool(self.queue)
+
+    def next(self) -> list[str]:
+        budget = self.window.request_tokens
+        batch, used, size = [], 0, self.sizer.size
+        while self.queue and len(batch) < size:
+            cost = self.pieces.token_counts([self.queue[0]], self.window)[0] if budget else 0
+            if batch and budget and used + cost > budget:
+                break
+            batch.append(self.queue.popleft())
+            used += cost
+        return batch
+
+
+class EmbedSequence:
+    """One run's way to vectors: a backend, a cache (or None), the settings, and what the
+    run has learned (the batch size that works, the dimension). Shared by the threads and
+    the blocks of a run; `run` may be called many times (a worker's blocks)."""
+
+    def __init__(self, backend, cache, settings, *, dimension: Dimension | None = None,
+                 sizer: BatchSizer | None = None, clock=time.perf_counter):
+        self.backend, self.cache, self.settings = backend, cache, settings
+        self.dimension = dimension or Dimension()
+        self.sizer = sizer or BatchSizer(batch_size(settings, backend))
+        self.clock, self.start = clock, clock()
+        self.waiting = ""   # why the run is waiting now (for a progress bar), "" when not
+
+    def identity(self) -> Identity:
+        """What makes the vectors now (the dimension once known): the cache key's parts."""
+        return self.backend.identity(self.dimension.value)
+
+    def now(self) -> float:
+        return self.clock() - self.start
+
+    def run(self, pieces: Pieces, sink: Sink, *, slots: int | None = None,
+            cached: set[str] | None = None, tally: Tally | None = None) -> Tally:
+        """Vectors for every text of `pieces`, each row handed to `sink` once, done or failed.
+
+        Args:
+            slots: requests in flight at once (default: the backend's).
+            cached: the texts a plan found in the cache: only these are looked up before
+                the requests start (others are looked up again just before paying).
+            tally: add to this one (a report that must survive a crash), else a new one.
+        Raises: what `embed_resilient` raises when nothing can succeed (server gone, key
+            refused, wrong dimension); what was settled before stays settled.
+        """
+        tally = tally if tally is not None else Tally()
+        tally.texts += len(pieces.texts)
+        if self.dimension.value is None and self.cache is not None:
+            # Without the dimension no key can be made: a rerun would pay its first batch
+            # again. The cache may know it (a run of this plan that died, another process).
+            identity = self.backend.identity()
+            dims = self.cache.dims(identity.route, identity.model, identity.normalized)
+            if len(dims) == 1:
+                self.dimension.adopt(dims[0], "the dimension the cache holds for this model")
+        state = _Pass(self, pieces, pieces.assembly(), sink, tally)
+        state.fail_known()
+        can_look = self.cache is not None and self.dimension.value
+        look_up = [t for t in pieces.texts if can_look and (cached is None or t in cached)]
+        state.cutter.add(t for t in pieces.texts if not can_look or (cached is not None
+                                                                     and t not in cached))
+        with ThreadPoolExecutor(slots or self.backend.slots, thread_name_prefix="embed") as pool:
+            state.loop(pool, slots or self.backend.slots, look_up)
+        return tally
+
+
+class _Pass:
+    """The state of one `EmbedSequence.run`: what is queued, in flight, and waiting on leases."""
+
+    def __init__(self, seq: "EmbedSequence", pieces: Pieces, assembly: Assembly, sink: Sink,
+                 tally: Tally):
+        self.seq, self.pieces, self.assembly, self.sink, self.tally = \
+            seq, pieces, assembly, sink, tally
+        self.cutter = BatchCutter(pieces, seq.backend.window, seq.sizer)
+        self.later: list[str] = []   # texts another run holds a lease on
+        self.brake = bool(seq.settings.EMBED_CACHE_ONLY)
+
+    def fail_known(self) -> None:
+        """Rows that fail before any request (long texts under EMBED_LONG_TEXTS=fail)."""
+        for row, reason in self.pieces.failed:
+            self.sink.fail([row], Failure(-1, preview(self.pieces.row_texts[row]), reason))
+
+    def loop(self, pool: ThreadPoolExecutor, slots: int, look_up: list[str]) -> None:
+        """Requests first (the server starts at once), cache reads while they are in flight
+        (the next chunk read while this one goes to the sink), each finished batch settled
+        as soon as the next one is on its way."""
+        inflight: dict[Future, list[str]] = {}
+        chunks = deque(look_up[i:i + WRITE_CHUNK_ROWS]
+                       for i in range(0, len(look_up), WRITE_CHUNK_ROWS))
+        with ThreadPoolExecutor(1, thread_name_prefix="cache-read") as reader:
+            reads = deque([reader.submit(self.read, chunks.popleft())] if chunks else [])
+            try:
+                while True:
+                    while self.cutter and len(inflight) < slots and not self.brake:
+                        batch = self.cutter.next()
+                        inflight[pool.submit(self.embed, batch)] = batch
+                    finished = [f for f in inflight if f.done()]
+                    if finished:
+                        for future in finished:
+                            del inflight[future]
+                            self.settle(*future.result())
+                    elif reads:
+                        texts, found = reads.popleft().result()
+                        if chunks:
+                            reads.append(reader.submit(self.read, chunks.popleft()))
+                        self.took(texts, found)
+                    elif inflight:
+                        wait(inflight, return_when=FIRST_COMPLETED)
+                    elif self.cutter:   # the cache-only brake holds these
+                        self.refuse(list(self.cutter.queue))
+                        self.cutter.queue.clear()
+                    elif self.later:
+                        self.wait_for_others()
+                    else:
+                        return
+            finally:
+                for future in [*inflight, *reads]:
+                    future.cancel()
+
+    def read(self, texts: list[str]) -> tuple[list[str], dict[str, np.ndarray]]:
+        """On the reader thread: the cached vectors of `texts`."""
+        seq = self.seq
+        found = seq.cache.get_many(seq.identity(), texts) \
+            if seq.cache is not None and seq.dimension.value else {}
+        return texts, found
+
+    def took(self, texts: list[str], found: dict[str, np.ndarray]) -> None:
+        """Cached vectors to the sink; the texts the cache lacks queued to send (or refused)."""
+        self.deliver_found(found)
+        missing = [t for t in texts if t not in found]
+        if self.brake:
+            self.refuse(missing)
+        else:
+            self.cutter.add(missing)
+
+    def refuse(self, texts: list[str]) -> None:
+        """EMBED_CACHE_ONLY: a text the cache lacks fails its rows; nothing is sent."""
+        for text in texts:
+            self.fail_text(text, Failure(-1, preview(text), CACHE_ONLY_REASON))
+
+    def embed(self, texts: list[str]):
+        """On a pool thread, just before paying: what another run cached meanwhile, a lease
+        on the rest (texts another run holds come back later), one resilient request."""
+        seq, t0 = self.seq, self.seq.now()
+        identity = seq.identity()
+        found, mine, held = {}, texts, []
+        if seq.cache is not None and identity.dim:
+            found = seq.cache.get_many(identity, texts)
+            rest = [t for t in texts if t not in found]
+            leased = seq.cache.lease(identity, rest) if rest else set()
+            mine, held = [t for t in rest if t in leased], [t for t in rest if t not in leased]
+        vectors, failures = embed_resilient(seq.backend, mine, sizer=seq.sizer,
+                                            dimension=seq.dimension) if mine else (None, [])
+        if mine:
+            self.tally.request_spans.append((t0, seq.now()))
+        return found, mine, vectors, failures, held
+
+    def settle(self, found: dict, texts: list[str], vectors, failures: list[Failure],
+               held: list[str]) -> None:
+        """A batch back: cache its good vectors first (a crash before the table finds them
+        there next time), give up the rows of failed texts, hand the rest to the sink."""
+        self.deliver_found(found)
+        self.later += held
+        if not texts:
+            return
+        bad = {f.position for f in failures}
+        good = [i for i in range(len(texts)) if i not in bad]
+        if good and self.seq.cache is not None:
+            self.seq.cache.put_many(self.seq.identity(), [texts[i] for i in good], vectors[good])
+        for f in failures:
+            self.fail_text(texts[f.position], f)
+        self.tally.embedded += len(good)
+        self.to_sink(self.assembly.deliver([texts[i] for i in good], vectors[good]))
+
+    def deliver_found(self, found: dict[str, np.ndarray]) -> None:
+        if found:
+            self.tally.hits += len(found)
+            self.to_sink(self.assembly.deliver_found(found))
+
+    def fail_text(self, text: str, failure: Failure) -> None:
+        self.tally.failed += 1
+        rows = self.assembly.fail(text)
+        if rows:
+            self.sink.fail(rows, failure)
+
+    def to_sink(self, done: Done) -> None:
+        if done.rows:
+            t0 = self.seq.now()
+            self.sink.deliver(done)
+            self.tally.sink_spans.append((t0, self.seq.now()))
+
+    def wait_for_others(self) -> None:
+        """Texts another run is embedding now: its vectors will be in the cache shortly
+        (a dead run's leases expire: `cache_pg`). Look them up again after a pause."""
+        texts, self.later = self.later, []
+        self.seq.waiting = f"waiting for {len(texts)} texts another run is embedding"
+        log.warning("%s (their leases are held in the shared cache)", self.seq.waiting)
+        self.tally.waits += 1
+        time.sleep(CACHE_LEASE_POLL_S)
+        self.seq.waiting = ""
+        self.cutter.add(texts)
