@@ -13,6 +13,7 @@ _EXPORTS = {
     "cache_store": ["CacheStore", "MemoryStore"],
     "cache_doctor": ["diagnose", "doctor_report"],
     "cache_tools": ["open_cache"],
+    "embedder": ["Embedder"],
     "config": ["Settings", "load_settings", "relative"],
     "constants": ["project_path"],
     "core": ["Target"],

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 from dotenv import dotenv_values
 
-from .backends import DEFAULT_BACKEND, REGISTRY
+from .registry import DEFAULT_BACKEND, REGISTRY
 from .constants import (DEFAULT_CACHE_PATH, DEFAULT_PGDATA, DEFAULT_RUNS_DIR, PROJECT_ROOT,
                         project_path)
 from .errors import ConfigError
@@ -146,6 +146,7 @@ class Settings:
     EMBED_CACHE_PATH: Path = DEFAULT_CACHE_PATH
     EMBED_CACHE_URL: Secret | None = None
     EMBED_CACHE_ONLY: bool = False
+    EMBED_COALESCE_MS: int = 5
     DATABASE_URL: Secret | None = None
     EMBED_PGDATA: Path = DEFAULT_PGDATA
     UPSERT: bool = True
@@ -192,6 +193,7 @@ SPEC: dict[str, tuple[Callable[[Any], Any], str]] = {
     "EMBED_CACHE_PATH": (_path, "JSONL embedding cache; relative paths are from the project root"),
     "EMBED_CACHE_URL": (_secret, "PostgreSQL of the postgres cache; unset = the run's database"),
     "EMBED_CACHE_ONLY": (_bool, "never call the backend; cache misses become failures"),
+    "EMBED_COALESCE_MS": (_int(0), "Embedder: how long concurrent single calls wait to share a batch"),
     "DATABASE_URL": (_secret, "PostgreSQL URL; unset = embedded server in .pgdata/"),
     "EMBED_PGDATA": (_path, "data folder of the embedded server (when DATABASE_URL is unset)"),
     "UPSERT": (_bool, "update rows whose id exists (ON CONFLICT DO UPDATE); off = keep them"),

@@ -224,19 +224,26 @@ def test_empty_environment_value_overrides_dotenv(tmp_path):
     assert s.DATABASE_URL is None
 
 
-def package_sources(exclude="backends"):
+def package_sources(exclude=("backends", "registry.py")):
     return {p.relative_to(PROJECT_ROOT).as_posix(): p.read_text(encoding="utf-8")
-            for p in sorted(PACKAGE.rglob("*.py")) if exclude not in p.relative_to(PACKAGE).parts}
+            for p in sorted(PACKAGE.rglob("*.py"))
+            if not set(exclude) & set(p.relative_to(PACKAGE).parts)}
 
 
 @pytest.mark.parametrize("needle", ['"ollama"', '"llm_api"', "'ollama'", "/api/embed", "ollama:"])
 def test_only_the_backends_name_a_backend_or_a_route(needle):
     found = [f"{path}:{n}" for path, text in package_sources().items()
              for n, line in enumerate(text.splitlines(), 1) if needle in line]
-    assert found == [], f"{needle} outside embed_helpers/backends/ (the registry is the only place)"
+    assert found == [], f"{needle} outside embed_helpers/backends/ and registry.py"
+
+
+def test_settings_import_no_backend():
+    """The layers: settings know the backends' names (registry.py), never their code."""
+    text = (PACKAGE / "config.py").read_text()
+    assert "from .backends" not in text and "import backends" not in text
 
 
 def test_cache_keys_are_made_in_identity_only():
-    found = {path for path, text in package_sources(exclude="__nothing__").items()
+    found = {path for path, text in package_sources(exclude=()).items()
              if re.search(r"\bcache_key\(", text)}
     assert found == {"embed_helpers/identity.py"}

@@ -1,27 +1,16 @@
-"""Backends by name. A dict registry: adding one is one line here and one file.
-
-This is the only place outside the backends' own files that knows their names.
-"""
+"""Backends by name, from the registry (`registry.py`): adding one is one line there and
+one file here."""
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+from ..registry import DEFAULT_BACKEND, REGISTRY
 from .base import Backend
 
 if TYPE_CHECKING:
     from ..config import Settings
-
-# name -> "module:Class", imported on demand so that choosing `ollama` never imports torch.
-REGISTRY: dict[str, str] = {
-    "local": "embed_helpers.backends.local:LocalBackend",
-    "ollama": "embed_helpers.backends.ollama:OllamaBackend",
-    "llm_api": "embed_helpers.backends.llm_api:OpenAIBackend",
-}
-#: The offline default: needs no server, no key and no network.
-DEFAULT_BACKEND = "local"
-
 
 def backend_class(name: str) -> type[Backend]:
     if name not in REGISTRY:
