@@ -21,8 +21,8 @@ import numpy as np
 
 from .cache_format import digest, encode_line, index_chunk, vector_at
 from .cache_io import flocked, lock_current, raw_chunks, scan_records
-from .config import _path, relative
-from .constants import READ_GAP_BYTES, READ_SPAN_BYTES
+from .config import relative
+from .constants import READ_GAP_BYTES, READ_SPAN_BYTES, project_path
 from .identity import Identity
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class EmbeddingCache:
     kind = "jsonl"
 
     def __init__(self, path: Path | str, *, read_only: bool = False):
-        self.path = _path(path)
+        self.path = project_path(path)
         self.read_only = read_only
         self._lock = threading.RLock()
         self._fd: int | None = None

@@ -15,8 +15,8 @@ from pathlib import Path
 from .cache import EmbeddingCache
 from .cache_format import digest, digest_at, vector_at
 from .cache_io import lock_current, raw_lines, scan_records
-from .config import Settings, _path, relative
-from .constants import CACHE_TRANSFER_ROWS
+from .config import Settings, relative
+from .constants import CACHE_TRANSFER_ROWS, project_path
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def export_entries(store, path: Path | str) -> int:
 def import_entries(path: Path | str, store) -> int:
     """Add the entries of the JSONL cache file at `path` to `store`; returns how many
     were new there."""
-    source = _path(path)
+    source = project_path(path)
     if not source.is_file():
         raise FileNotFoundError(f"no cache file at {source}")
     written, batch = 0, []
@@ -90,7 +90,7 @@ def summary(store) -> dict:
 
 def cache_stats(path: Path | str) -> dict:
     """Size, entries, duplicates, bad lines and entries per settings of a cache file."""
-    path = _path(path)
+    path = project_path(path)
     stats = {"path": relative(path), "exists": path.is_file(), "bytes": 0, "lines": 0,
              "entries": 0, "duplicates": 0, "bad_lines": 0, "by_settings": [],
              "oldest": None, "newest": None}
@@ -144,7 +144,7 @@ def compact(path: Path | str) -> dict:
         path, lines_before, entries, duplicates_removed, bad_lines_removed,
         bytes_before, bytes_after.
     """
-    path = _path(path)
+    path = project_path(path)
     result = {"path": str(path), "lines_before": 0, "entries": 0, "duplicates_removed": 0,
               "bad_lines_removed": 0, "bytes_before": 0, "bytes_after": 0}
     if not path.exists():

@@ -1,7 +1,7 @@
 """`python -m embed_helpers ingest | plan | run | cache ...`: the notebook's code path, no Jupyter.
 
 Exit status: 0 done; 1 an error stopped the run (message says what to do);
-3 the run finished but some rows failed (listed in the failures file).
+3 the run finished but some rows failed (listed in the failures file); 130 interrupted.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import EmbedHelpersError
 
 log = logging.getLogger("embed_helpers")
-EXIT_ERROR, EXIT_ROWS_FAILED = 1, 3
+EXIT_ERROR, EXIT_ROWS_FAILED, EXIT_INTERRUPTED = 1, 3, 130
 
 
 #: CLI flags that override a setting for one run.
@@ -220,6 +220,9 @@ def main(argv=None, started: float | None = None) -> int:
     except EmbedHelpersError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:  # the run saved its report so far (EMBED_RUNS_DIR)
+        print("interrupted: what was embedded is cached, run again to finish", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # papermill's error carries the failing cell's message
         if type(exc).__name__ == "PapermillExecutionError":
             print(f"error: the notebook stopped at cell {exc.cell_index}: {exc.ename}: "

@@ -156,6 +156,7 @@ class Settings:
     RAY_ADDRESS: str | None = None
     EMBED_EXPECTED_TEXTS_PER_S: float | None = None
     GPU_HOURLY_USD: float | None = None
+    EMBED_PRICE_PER_1M_TOKENS: float | None = None
 
     def __repr__(self) -> str:
         parts = [f"{name}={display(self, name)!r}" for name in setting_names()]
@@ -202,6 +203,7 @@ SPEC: dict[str, tuple[Callable[[Any], Any], str]] = {
     "EMBED_WORKERS": (_optional(_int(1)), "Ray workers; unset = one per GPU (local) or per server"),
     "RAY_ADDRESS": (_optional(_text), "Ray cluster to join (ray://host:10001 or host:6379); unset = a local Ray"),
     "EMBED_EXPECTED_TEXTS_PER_S": (_optional(_float(0.001)), "throughput for the plan's estimate; unset = probe"),
+    "EMBED_PRICE_PER_1M_TOKENS": (_optional(_float(0)), "USD per million tokens of a hosted API; unset = OpenAI's list price for its models"),
     "GPU_HOURLY_USD": (_optional(_float(0)), "price per hour of the embedding machine, for cost figures"),
 }
 

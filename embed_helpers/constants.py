@@ -97,6 +97,10 @@ OLLAMA_DEFAULT_CONTEXT = 2048
 #: Tokens kept free in a window we only estimate, for the model's own [CLS]/[SEP] tokens.
 SPECIAL_TOKENS_MARGIN = 2
 #: OpenAI's documented limits for its embedding models: tokens per input, per request.
+#: OpenAI's list prices in USD per million input tokens (synchronous API, 2026), the
+#: default of EMBED_PRICE_PER_1M_TOKENS for these models.
+OPENAI_PRICES_PER_1M_TOKENS = {"text-embedding-3-small": 0.02, "text-embedding-3-large": 0.13,
+                               "text-embedding-ada-002": 0.10}
 OPENAI_MAX_INPUT_TOKENS = {"text-embedding-3-small": 8191, "text-embedding-3-large": 8191,
                            "text-embedding-ada-002": 8191}
 OPENAI_MAX_REQUEST_TOKENS = 300_000

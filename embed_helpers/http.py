@@ -114,12 +114,16 @@ class HttpClient:
         self.session.mount("https://", adapter)
         self.session.headers.update(headers or {})
         self._lock = threading.Lock()
-        self._counts = {"requests": 0, "retries": 0, "texts": 0, "retry_wait_s": 0.0}
+        self._counts = {"requests": 0, "retries": 0, "texts": 0, "tokens": 0, "retry_wait_s": 0.0}
 
     # --- counters -----------------------------------------------------------------
     def _count(self, name: str, amount: float = 1) -> None:
         with self._lock:
             self._counts[name] += amount
+
+    def count_tokens(self, tokens: int) -> None:
+        """Tokens a server said it billed for a request (OpenAI's `usage`)."""
+        self._count("tokens", tokens)
 
     def stats(self) -> dict:
         with self._lock:

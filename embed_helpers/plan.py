@@ -39,6 +39,7 @@ class Plan:
     to_embed: list[str]           # texts to send, in first-seen order
     texts_per_s: float | None = None
     gpu_hourly_usd: float | None = None
+    price_per_1m: tuple[float, str] | None = None   # (USD per 1M tokens, its source)
     cache_name: str = ""
     probe_texts: int = 0          # texts the probe paid for (now cached)
     runs: int = 0                 # times `run_plan` carried it out
@@ -59,6 +60,15 @@ class Plan:
         if not self.to_embed:
             return 0.0
         return len(self.to_embed) / self.texts_per_s if self.texts_per_s else None
+
+    @property
+    def tokens_to_embed(self) -> int:
+        """Tokens of the texts to embed, as the window counts them (exact or estimated)."""
+        return sum(self.pieces.token_counts(self.to_embed, self.window)) if self.to_embed else 0
+
+    @property
+    def est_token_cost_usd(self) -> float | None:
+        return None if self.price_per_1m is None else self.tokens_to_embed / 1e6 * self.price_per_1m[0]
 
     @property
     def est_cost_usd(self) -> float | None:
@@ -87,6 +97,11 @@ class Plan:
             cost = self.est_cost_usd
             rows.append((f"estimated cost at ${self.gpu_hourly_usd}/h",
                          "unknown" if cost is None else f"${cost:.4f}"))
+        if self.price_per_1m is not None:
+            how = "" if self.window.exact else ", estimated"
+            rows.append((f"estimated cost at ${self.price_per_1m[0]}/1M tokens "
+                         f"({self.price_per_1m[1]})",
+                         f"${self.est_token_cost_usd:.4f} ({self.tokens_to_embed:,} tokens{how})"))
         return rows
 
     def __str__(self) -> str:
@@ -111,7 +126,7 @@ def make_plan(rows: Rows, target: Target, *, conn, backend, cache, settings,
                 batch_size=batch_size(settings, backend),
                 cached=cached, to_embed=[t for t in pieces.texts if t not in cached],
                 texts_per_s=settings.EMBED_EXPECTED_TEXTS_PER_S,
-                gpu_hourly_usd=settings.GPU_HOURLY_USD,
+                gpu_hourly_usd=settings.GPU_HOURLY_USD, price_per_1m=backend.price_per_1m_tokens,
                 cache_name=cache.describe() if cache is not None else "")
     if dim is None:
         plan.notes.append("the dimension is learned from the first batch (no probe request)")

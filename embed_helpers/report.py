@@ -83,6 +83,7 @@ class RunReport:
     db_s: float = 0.0
     client_only_s: float = 0.0
     gpu_hourly_usd: float | None = None
+    price_per_1m_tokens: float | None = None
     #: per server: requests, texts, errors, times set aside, mean latency
     servers: dict = field(default_factory=dict)
     #: Ray engine, per worker: blocks, rows, rows per second; and Ray's start-up time
@@ -101,6 +102,13 @@ class RunReport:
     def cache_hit_rate(self) -> float:
         looked = self.cache_hits + self.cache_misses
         return self.cache_hits / looked if looked else 0.0
+
+    @property
+    def token_cost_usd(self) -> float | None:
+        """What a hosted API bills: the tokens it said it counted (or none were said)."""
+        if self.price_per_1m_tokens is None:
+            return None
+        return self.tokens / 1e6 * self.price_per_1m_tokens
 
     @property
     def cost_usd(self) -> float | None:
@@ -171,7 +179,8 @@ class RunReport:
         data = asdict(self)
         del data["tally"]
         data.update(rows_per_s=round(self.rows_per_s, 1),
-                    cache_hit_rate=round(self.cache_hit_rate, 4), cost_usd=self.cost_usd)
+                    cache_hit_rate=round(self.cache_hit_rate, 4), cost_usd=self.cost_usd,
+                    token_cost_usd=self.token_cost_usd)
         return data
 
     def save(self, path: Path | str) -> Path:
@@ -228,6 +237,9 @@ class RunReport:
                 f"client only {self.client_only_s / wall:.0%}")
             if self.cost_usd is not None:
                 lines.append(f"cost at ${self.gpu_hourly_usd}/h: ${self.cost_usd:.4f}")
+        if self.token_cost_usd is not None:
+            lines.append(f"billed tokens {self.tokens:,} at ${self.price_per_1m_tokens}/1M: "
+                         f"${self.token_cost_usd:.4f}")
         return lines
 
     def __str__(self) -> str:
@@ -284,4 +296,5 @@ def start_report(plan, settings, cache) -> RunReport:
         probe_texts=plan.probe_texts,
         cache_misses=len(plan.to_embed), cache_path=cache.describe() if cache is not None else "",
         gpu_hourly_usd=settings.GPU_HOURLY_USD,
+        price_per_1m_tokens=plan.price_per_1m[0] if plan.price_per_1m else None,
         long_texts={**long.__dict__, "share_beyond": round(long.share_beyond, 4)})

@@ -294,7 +294,7 @@ class FakeEmbeddingServer:
                  if b64 else self.vector(t, route).tolist()} for i, t in enumerate(texts)]
         if self.shuffle_index:
             draws.shuffle(data)
-        tokens = sum(len(t.split()) for t in texts)
+        tokens = sum(count_tokens(t) for t in texts)  # what it bills: the tokens it counted
         return {"object": "list", "data": data, "model": body.get("model"),
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 

@@ -22,6 +22,8 @@ from embed_helpers.cache_tools import open_cache
 from embed_helpers.constants import PROJECT_ROOT, RAY_BATCHES_PER_BLOCK
 from embed_helpers.core import Target
 from embed_helpers.errors import DatabaseError
+from embed_helpers.batching import batch_embed
+from embed_helpers.config import replace_settings
 from embed_helpers.workflow import ingest
 
 ray = pytest.importorskip("ray", reason="Ray Data is not installed (requirements-ray.txt)")
@@ -215,3 +217,75 @@ def test_a_block_the_database_refuses_fails_the_run_whole(make, servers, conn, t
     ids = set(stored(conn, table))
     block_of_77 = {f"r{i}" for i in range(BLOCK, 2 * BLOCK)}
     assert not ids & block_of_77  # nothing of that block is half-written
+
+
+DRIVER_TEXTS = [f"note {i} about visit {i % 9}" for i in range(36)] + \
+    ["note 3 about visit 3", " ".join(f"Sentence {n} of a long summary about care {n % 4}."
+                                      for n in range(30))]
+
+
+def _drive(name, settings, conn, table):
+    """Embed DRIVER_TEXTS with one driver; its vectors in input order."""
+    from embed_helpers.embedder import Embedder
+    df = pd.DataFrame({"id": [f"d{i}" for i in range(len(DRIVER_TEXTS))], "text": DRIVER_TEXTS})
+    with get_backend(settings) as backend, open_cache(settings) as cache:
+        if name == "batch_embed":
+            return batch_embed(DRIVER_TEXTS, backend, cache=cache, on_failure="return").vectors
+        if name == "Embedder":
+            with Embedder(settings, backend=backend, cache=cache) as embedder:
+                futures = [embedder.submit(t) for t in DRIVER_TEXTS]
+                return np.stack([f.result() if not f.exception() else np.full(DIM, np.nan)
+                                 for f in futures])
+        ingest(df, Target(table, "id", "text"), settings=settings, conn=conn, backend=backend,
+               cache=cache, progress=False)
+    vectors = db.fetch_vectors(conn, table, "id", df.id)
+    return np.stack([vectors.get(i, np.full(DIM, np.nan)) for i in df.id])
+
+
+def _entries(settings):
+    with open_cache(settings) as cache:
+        return {e["key"]: np.asarray(e["vector"]).tobytes() for e in cache.entries()}
+
+
+def test_every_driver_sends_caches_and_returns_the_same(make_settings, conn, table,
+                                                       fresh_database):
+    """The local engine, the Ray engine, batch_embed and the Embedder run one sequence: on the
+    same rows, with the PostgreSQL store, the same texts sent, cache entries and vectors;
+    under the cache-only brake, none of them sends a request."""
+    import psycopg2
+    from embed_helpers.workflow import plan_ingest
+    seen = {}
+    for name in ("local", "ray", "batch_embed", "Embedder"):
+        admin = psycopg2.connect(fresh_database)  # each driver starts from an empty cache
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute("DROP TABLE IF EXISTS embedding_cache, embedding_cache_leases")
+        admin.close()
+        with FakeEmbeddingServer(DIM) as server:
+            settings = make_settings(EMBEDDING_BACKEND="ollama", OLLAMA_HOST=server.url,
+                                     EMBED_BATCH_SIZE=BATCH, EMBED_MAX_INPUT_TOKENS=60,
+                                     EMBED_CACHE_BACKEND="postgres", EMBED_CACHE_URL=fresh_database,
+                                     EMBED_ENGINE="ray" if name == "ray" else "local")
+            vectors = _drive(name, settings, conn, f"{table}_{name.lower()}")
+            sent = sorted(t for body in server.bodies for t in body["input"])
+            seen[name] = (server.total_requests(), sent, _entries(settings), vectors)
+            server.reset()
+            braked = replace_settings(settings, EMBED_CACHE_ONLY=True)
+            _drive(name, braked, conn, f"{table}_{name.lower()}_braked")
+            assert server.total_requests() == 0, f"{name} paid under EMBED_CACHE_ONLY"
+            if name == "local":  # the plan's probe too
+                with get_backend(braked) as backend, open_cache(braked) as cache:
+                    plan_ingest(pd.DataFrame({"id": ["x"], "text": ["never seen"]}),
+                                Target(table, "id", "text"), settings=braked, conn=conn,
+                                backend=backend, cache=cache, probe=True)
+                assert server.total_requests() == 0
+    local = seen["local"]
+    for name, (requests, sent, entries, vectors) in seen.items():
+        assert sent == local[1], name
+        assert entries == local[2], name
+        np.testing.assert_array_equal(vectors, local[3], err_msg=name)
+        if name != "Embedder":  # its batches are whatever arrived together
+            assert requests == local[0], name
+    for suffix in ("local", "ray", "batch_embed", "embedder"):
+        for extra in ("", "_braked"):
+            db.drop_table(conn, f"{table}_{suffix}{extra}")

@@ -60,6 +60,13 @@ class Backend:
         return asked or None
 
     @property
+    def price_per_1m_tokens(self) -> tuple[float, str] | None:
+        """(USD per million tokens, where that figure comes from), or None: not priced by
+        the token (a GPU you rent by the hour: GPU_HOURLY_USD)."""
+        price = self.settings.EMBED_PRICE_PER_1M_TOKENS
+        return (price, "EMBED_PRICE_PER_1M_TOKENS") if price is not None else None
+
+    @property
     def slots(self) -> int:
         """Requests worth having in flight at once (EMBED_MAX_CONCURRENCY per server)."""
         return self.settings.EMBED_MAX_CONCURRENCY

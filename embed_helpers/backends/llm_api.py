@@ -10,7 +10,8 @@ import numpy as np
 
 from ..config import Settings
 from ..constants import (OPENAI_COMPATIBLE_DEFAULT_INPUT_TOKENS, OPENAI_MAX_INPUT_TOKENS,
-                         OPENAI_MAX_REQUEST_TOKENS, SPECIAL_TOKENS_MARGIN)
+                         OPENAI_MAX_REQUEST_TOKENS, OPENAI_PRICES_PER_1M_TOKENS,
+                         SPECIAL_TOKENS_MARGIN)
 from ..errors import BackendError, ConfigError, EmbeddingValidationError
 from ..http import rows_to_array
 from ..tokens import EstimatedTokens, Window
@@ -93,6 +94,10 @@ class OpenAIBackend(RemoteBackend):
             raise EmbeddingValidationError(
                 f"llm_api returned {len(items)} vectors with indices {sorted(indices)[:10]}... "
                 f"for {len(texts)} texts; nothing was written.")
+        usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+        tokens = usage.get("prompt_tokens", usage.get("total_tokens"))
+        if isinstance(tokens, int) and tokens >= 0:  # what the server bills
+            self.http.count_tokens(tokens)
         rows: list = [None] * len(texts)
         for item in items:
             rows[item["index"]] = self._decode(item.get("embedding"))
@@ -102,6 +107,12 @@ class OpenAIBackend(RemoteBackend):
         if isinstance(embedding, str):  # base64 of little-endian float32, whatever we asked
             return np.frombuffer(base64.b64decode(embedding), dtype="<f4")
         return embedding or []
+
+    @property
+    def price_per_1m_tokens(self) -> tuple[float, str] | None:
+        if self.settings.EMBED_PRICE_PER_1M_TOKENS is None and self.model in OPENAI_PRICES_PER_1M_TOKENS:
+            return OPENAI_PRICES_PER_1M_TOKENS[self.model], f"OpenAI's list price for {self.model}"
+        return super().price_per_1m_tokens
 
     def stats(self) -> dict:
         return {**super().stats(), "encoding": self.encoding}
