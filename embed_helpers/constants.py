@@ -100,6 +100,28 @@ OPENAI_MAX_REQUEST_TOKENS = 300_000
 #: Tokens per input assumed for an OpenAI-compatible model the server does not describe.
 OPENAI_COMPATIBLE_DEFAULT_INPUT_TOKENS = 8191
 
+# Windows (embed_helpers.windows, embed_helpers.window_probe)
+#: A served model whose name holds this is counted with the bundled MiniLM tokenizer.
+BUNDLED_TOKENIZER_MODEL = "all-minilm-l6-v2"
+#: An assumed window warns when a text has more tokens than this (BERT models read 512).
+ASSUMED_WINDOW_WARN_TOKENS = 512
+#: The measurement's shortest prefix, in tokens: windows below it are not looked for.
+MEASURE_MIN_TOKENS = 32
+#: Each prefix is this many times the one before (wider when that makes too many): the
+#: measured window is at most this share below the real one.
+MEASURE_STEP = 1.08
+#: Prefixes in the measuring request at most (two more inputs follow them): 32 inputs fit
+#: the smallest batch limit in common use (TEI's max_client_batch_size).
+MEASURE_MAX_PREFIXES = 30
+#: The measurement looks for a cut within this many tokens of the longest text.
+MEASURE_MAX_TOKENS = 16384
+#: Two vectors are the same input's when 1 - cosine is below this: a server's own noise
+#: (fp16, batching) is far smaller, two prefixes a few tokens apart far larger.
+MEASURE_TOLERANCE = 1e-5
+#: An estimated count keeps this share of the measured window: a chunk of other text with
+#: the same estimate may hold a few more of the server's own tokens.
+MEASURED_ESTIMATE_MARGIN = 0.9
+
 # The JSONL cache (embed_helpers.cache, embed_helpers.cache_format)
 #: Bytes read per step when scanning the file: memory stays bounded whatever its size.
 SCAN_CHUNK_BYTES = 8 << 20

@@ -109,8 +109,10 @@ class OllamaBackend(RemoteBackend):
     @cached_property
     def window(self) -> Window:
         limit, source = self.context
+        origin = "setting" if source == "EMBED_MAX_INPUT_TOKENS" else \
+            "server" if source.startswith("Ollama /api/show") else "assumed"
         return Window(max(limit - SPECIAL_TOKENS_MARGIN, 1), EstimatedTokens(), source,
-                      self.request_budget(None))
+                      self.request_budget(None), origin)
 
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
