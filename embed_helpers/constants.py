@@ -110,9 +110,13 @@ MEASURE_MIN_TOKENS = 32
 #: Each prefix is this many times the one before (wider when that makes too many): the
 #: measured window is at most this share below the real one.
 MEASURE_STEP = 1.08
-#: Prefixes in the measuring request at most (two more inputs follow them): 32 inputs fit
-#: the smallest batch limit in common use (TEI's max_client_batch_size).
+#: Prefixes of growing length in the measuring request at most (with an exact count, four
+#: near each common window below the text's length join them, and two more inputs end it).
 MEASURE_MAX_PREFIXES = 30
+#: Windows models commonly have (their special tokens included), looked for to the token
+#: when the model's tokenizer is known, allowing for up to MEASURE_MAX_SPECIALS of them.
+MEASURE_COMMON_WINDOWS = (128, 256, 512, 1024, 2048, 4096, 8192)
+MEASURE_MAX_SPECIALS = 3
 #: The measurement looks for a cut within this many tokens of the longest text.
 MEASURE_MAX_TOKENS = 16384
 #: Two vectors are the same input's when 1 - cosine is below this: a server's own noise

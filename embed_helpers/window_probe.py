@@ -19,20 +19,26 @@ from dataclasses import replace
 
 import numpy as np
 
-from .constants import (MEASURE_MAX_PREFIXES, MEASURE_MAX_TOKENS, MEASURE_MIN_TOKENS,
-                        MEASURE_STEP, MEASURE_TOLERANCE, MEASURED_ESTIMATE_MARGIN)
+from .constants import (MEASURE_COMMON_WINDOWS, MEASURE_MAX_PREFIXES, MEASURE_MAX_SPECIALS,
+                        MEASURE_MAX_TOKENS, MEASURE_MIN_TOKENS, MEASURE_STEP, MEASURE_TOLERANCE,
+                        MEASURED_ESTIMATE_MARGIN)
 from .tokens import Window
 
 log = logging.getLogger(__name__)
 
 
-def prefix_ends(units, limit: int = MEASURE_MAX_TOKENS) -> list[tuple[int, int]]:
+def prefix_ends(units, exact: bool = False,
+                limit: int = MEASURE_MAX_TOKENS) -> list[tuple[int, int]]:
     """(end character, tokens) of the prefixes to send: from MEASURE_MIN_TOKENS up by
     MEASURE_STEP (wider when that makes more than MEASURE_MAX_PREFIXES), then all units but
-    the last; the text itself (its first `limit` tokens) comes last.
+    the last; the text itself (its first `limit` tokens) comes last. Counted exactly, the
+    common windows (MEASURE_COMMON_WINDOWS) are looked for to the token: the prefixes just
+    short of each, for models that spend up to MEASURE_MAX_SPECIALS on their own tokens.
 
     >>> prefix_ends([(i, i + 1, 1) for i in range(100)])[-3:]
     [(93, 93), (99, 99), (100, 100)]
+    >>> [n for _, n in prefix_ends([(i, i + 1, 1) for i in range(300)], exact=True)][-8:]
+    [253, 254, 255, 256, 276, 298, 299, 300]
     """
     cumulative, ends = 0, []
     for _start, end, cost in units:
@@ -51,6 +57,9 @@ def prefix_ends(units, limit: int = MEASURE_MAX_TOKENS) -> list[tuple[int, int]]
         targets.append(target)
         target *= step
     chosen, k = [], 0
+    if exact:
+        targets = sorted({*targets, *(w - s for w in MEASURE_COMMON_WINDOWS
+                                      for s in range(MEASURE_MAX_SPECIALS + 1) if w - s < total)})
     for target in targets:
         while k + 1 < len(ends) and ends[k + 1][1] <= target:
             k += 1
@@ -92,7 +101,7 @@ def read_window(vectors: np.ndarray, tokens: list[int]) -> tuple[int, bool]:
 
 def measure(backend, text: str, counter) -> dict:
     """One request: the prefixes of `text` and `text`; the fact to remember."""
-    ends = prefix_ends(counter.units(text))
+    ends = prefix_ends(counter.units(text), counter.exact)
     inputs = [text[:end] for end, _ in ends]
     vectors = np.asarray(backend.embed_batch(inputs), dtype=np.float32)
     window, cut = read_window(vectors, [n for _, n in ends])

@@ -54,9 +54,22 @@ def expected_vector(text: str, dim: int, normalized: bool = True) -> np.ndarray:
     return vector if normalized else (vector * np.float32(LEGACY_SCALE)).astype(np.float32)
 
 
-def read_part(text: str, tokens: int) -> str:
-    """The part of `text` a model reading `tokens` tokens (as `count_tokens` counts) sees."""
-    return text.encode("utf-8")[:4 * tokens].decode("utf-8", "ignore")
+def read_part(text: str, tokens: int, tokenizer_file: str | None = None) -> str:
+    """The part of `text` a model reading `tokens` tokens sees: as `count_tokens` counts
+    them, or as a real tokenizer does, which spends two of them on [CLS] and [SEP] (what
+    sentence-transformers, infinity and TEI do with a BERT model)."""
+    if tokenizer_file is None:
+        return text.encode("utf-8")[:4 * tokens].decode("utf-8", "ignore")
+    offsets = _tokenizer(tokenizer_file).encode(text, add_special_tokens=False).offsets
+    return text if len(offsets) <= tokens - 2 else text[:offsets[tokens - 3][1]]
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(path)
+    tokenizer.no_truncation()
+    return tokenizer
 
 
 def _openai_refusal(limit: int, asked: int) -> tuple[int, dict]:
@@ -146,6 +159,7 @@ class FakeEmbeddingServer:
         self.max_input_tokens: int | None = None
         self.refusal = "openai"                # wording of the max_input_tokens refusal (REFUSALS)
         self.truncate_at: int | None = None    # silently read only the first N tokens of each input
+        self.tokenizer_file: str | None = None  # ...counted by this tokenizer.json, [CLS]/[SEP] too
         self.answer_model: str | None = None   # infinity: serves one model under any name, says which
         self.max_model_len: int | None = None  # vLLM: in each /v1/models entry
         self.info_max_input_length: int | None = None  # TEI: GET /info
@@ -330,7 +344,7 @@ class FakeEmbeddingServer:
 
     def vector(self, text: str, route: str) -> np.ndarray:
         if self.truncate_at is not None:  # what the model reads: its first N tokens
-            text = read_part(text, self.truncate_at)
+            text = read_part(text, self.truncate_at, self.tokenizer_file)
         if self.empty_vectors:
             return np.zeros(0, dtype=np.float32)
         return expected_vector(text, self.wrong_dim or self.dim, normalized=route != LEGACY)

@@ -16,9 +16,13 @@ from embed_helpers import db, windows
 from embed_helpers.backends import get_backend
 from embed_helpers.cache import EmbeddingCache
 from embed_helpers.config import load_settings
-from embed_helpers.constants import PROJECT_ROOT, SPECIAL_TOKENS_MARGIN
+from embed_helpers.backends.local import bundled_model_path
+from embed_helpers.constants import PROJECT_ROOT, SAMPLE_DIR, SPECIAL_TOKENS_MARGIN
+from embed_helpers.csv_rows import read_csv_columns
 from embed_helpers.core import Target
 from embed_helpers.errors import InputTooLong, ModelMismatch
+from embed_helpers.pieces import Pieces
+from embed_helpers.tokens import TokenizerCount, Window
 from embed_helpers.window_probe import prefix_ends
 from embed_helpers.workflow import ingest, open_cache, plan_ingest
 
@@ -221,3 +225,60 @@ def test_space_separated_urls_are_several_servers(tmp_path):
     s = load_settings({"OPENAI_BASE_URL": "http://a:1/v1 http://b:2/v1"}, environ={},
                       env_file=tmp_path / "none.env")
     assert s.OPENAI_BASE_URL == "http://a:1/v1,http://b:2/v1"
+
+
+def abstracts(n: int) -> pd.DataFrame:
+    rows = read_csv_columns(SAMPLE_DIR / "pubmed" / "abstracts.csv", "pmid", "text")
+    return pd.DataFrame({"id": rows["pmid"][:n], "text": rows["text"][:n]})
+
+
+def test_a_minilm_cutting_at_256_word_pieces_is_measured_in_word_pieces(fake_server, settings,
+                                                                        conn, table):
+    """infinity serving all-MiniLM-L6-v2: 254 word pieces read, the rest dropped unsaid."""
+    tokenizer = bundled_model_path() / "tokenizer.json"
+    fake_server.truncate_at, fake_server.tokenizer_file = 256, str(tokenizer)
+    minilm = "sentence-transformers/all-MiniLM-L6-v2"
+    fake_server.known_models = {minilm}
+    df = abstracts(120)
+    s = settings(OPENAI_EMBED_MODEL=minilm, EMBED_CHUNK_OVERLAP=32)
+    report = run(s, conn, table, df)
+    long = report.long_texts
+    assert long["origin"] == "measured" and long["exact"] and report.rows_failed == 0
+    assert measuring_requests(fake_server) == 1
+    # The chunks the real tokenizer needs at its true window (the local backend's 254).
+    local = Pieces(list(df["id"]), list(df["text"]), Window(254, TokenizerCount(tokenizer), "x"),
+                   "chunk", 32)
+    assert local.long.over == long["over"] > 0
+    assert local.long.chunks <= long["chunks"] <= 1.1 * local.long.chunks
+    texts = dict(zip(df["id"], df["text"]))
+    with conn.cursor() as cur:
+        cur.execute(f'SELECT id, char_start, char_end, embedding FROM "{table}_chunks"')
+        for row_id, start, end, vector in cur.fetchall():
+            chunk = texts[row_id][start:end]
+            assert read_part(chunk, 256, str(tokenizer)) == chunk  # read whole by the server
+            assert np.allclose(vector.to_numpy(), expected_vector(chunk, 32), atol=1e-6)
+    conn.rollback()
+
+
+def test_the_shared_postgres_store_remembers_the_window_for_every_machine(
+        truncating, settings, conn, table, fresh_database):
+    s = settings(EMBED_CACHE_BACKEND="postgres", EMBED_CACHE_URL=fresh_database)
+    run(s, conn, table, frame())
+    assert measuring_requests(truncating) == 1
+    truncating.reset()
+    with get_backend(s) as backend, open_cache(s) as cache:  # another machine: a new backend
+        windows.settle(backend, cache, list(frame()["text"]) + ["longer " * 400])
+        assert backend.window.origin == "measured"
+        assert cache.get_fact(windows.fact_key(backend, backend.window.counter))["cut"] is True
+    assert truncating.total_requests() == 0
+
+
+def test_an_assumed_window_with_long_texts_warns_how_to_fix_it(truncating, settings, caplog):
+    s = settings(EMBED_CACHE_ONLY=1)  # no request allowed: nothing is measured
+    with get_backend(s) as backend:
+        warning = windows.settle(backend, None, ["word " * 800])
+        assert backend.window.origin == "assumed"
+    assert "EMBED_MAX_INPUT_TOKENS" in warning and "512" in warning
+    assert truncating.total_requests() == 0
+    with get_backend(s) as backend:
+        assert windows.settle(backend, None, ["short text"]) is None
