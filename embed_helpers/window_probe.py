@@ -127,10 +127,12 @@ def measured_window(backend, cache, texts: list[str], window: Window) -> Window:
         fact = measure(backend, longest, counter)
         if cache is not None:
             cache.put_fact(key, fact)
+    if not fact["cut"]:  # every text of the run is read whole; beyond, the assumption stands
+        return replace(window, max_tokens=max(window.max_tokens, fact["within"]), origin="measured",
+                       source=f"the server read {fact['within']} tokens without a cut; "
+                              f"beyond, {window.source}")
     tokens = fact["tokens"] if counter.exact \
         else max(math.floor(fact["tokens"] * MEASURED_ESTIMATE_MARGIN), 1)
-    how = f"cuts inputs after {fact['tokens']} tokens" if fact["cut"] \
-        else f"read {fact['tokens']} tokens without a cut"
     margin = "" if counter.exact else f", {MEASURED_ESTIMATE_MARGIN:.0%} of it kept"
     return replace(window, max_tokens=tokens, origin="measured",
-                   source=f"the server {how}{margin}")
+                   source=f"the server cuts inputs after {fact['tokens']} tokens{margin}")

@@ -133,11 +133,13 @@ def test_a_server_that_reads_everything_is_measured_once_and_cuts_nothing(fake_s
                                                                            conn, table):
     fake_server.known_models = {MODEL}
     report = run(settings(), conn, table, frame())
-    assert report.long_texts["origin"] == "measured"
+    assert report.long_texts["origin"] == "measured" and report.long_texts["over"] == 0
+    assert measuring_requests(fake_server) == 1 and report.chunks_written == 0
     s = settings()
     with get_backend(s) as backend, open_cache(s) as cache:
         windows.settle(backend, cache, list(frame()["text"]))
         assert "without a cut" in backend.window.source
+        assert backend.window.max_tokens == 8191 - SPECIAL_TOKENS_MARGIN  # beyond: assumed
 
 
 def test_prefixes_grow_and_end_with_the_whole_text():
