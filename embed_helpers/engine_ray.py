@@ -258,7 +258,7 @@ def _tally(report: RunReport, summaries: list[dict], empty: list[str]) -> None:
     report.long_texts = {k: sum(x[k] for x in long) for k in ("over", "chunks", "chars", "chars_beyond")}
     if long:
         report.long_texts.update(window=long[0]["window"], exact=long[0]["exact"],
-                                 policy=long[0]["policy"])
+                                 policy=long[0]["policy"], origin=long[0].get("origin", ""))
         report.long_texts["share_beyond"] = report.long_texts["chars_beyond"] / max(
             report.long_texts["chars"], 1)
 

@@ -145,19 +145,22 @@ def fact_key(backend, counter) -> str:
 
 def settle(backend, cache, texts) -> str | None:
     """Decide the backend's window before a plan is made: an assumed one is replaced by the
-    window measured on the longest of `texts` (remembered in `cache`, so measured once);
-    the result is set as `backend.window`. Returns a warning for the plan when the window
+    window measured on the longest of `texts` (remembered in `cache`, so measured once), or
+    stated by the server's refusal of it; the result is set as `backend.window`. Returns a warning for the plan when the window
     is still assumed and some text is over ASSUMED_WINDOW_WARN_TOKENS, else None."""
     from .window_probe import measured_window
+    assumed = backend.__dict__.get("_assumed_window") or backend.window
     window = backend.window
-    if window.origin == "assumed" and texts and hasattr(backend, "http"):
+    if assumed.origin == "assumed" and texts and hasattr(backend, "http"):
         try:
-            window = measured_window(backend, cache, list(texts), window)
+            window = measured_window(backend, cache, list(texts), assumed)
         except InputTooLong as exc:
-            refused = from_refusal(exc, window)
+            refused = from_refusal(exc, assumed)
             if refused is None:
                 raise
             window = refused
+        # A Ray worker settles again for each block: a longer text may need a new look.
+        backend._assumed_window = assumed
         backend.window = window  # note: overrides the cached_property for this backend
     return assumed_warning(window, texts)
 

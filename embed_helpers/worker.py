@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 
-from . import core, db
+from . import core, db, windows
 from .claims import claim_rows
 from .constants import CACHE_LEASE_POLL_S
 from .pieces import Done, Pieces
@@ -60,6 +60,8 @@ class BlockWorker:
         latest = claim_rows(self.conn, self.run, rows.ids, [claims[i] for i in rows.ids])
         lost = len(rows.ids) - len(latest)
         rows = rows.take([k for k, i in enumerate(rows.ids) if i in latest])
+        windows.settle(self.backend, self.cache, rows.texts)  # the fact, or one measurement
+        self.window = self.backend.window
         todo, unchanged, stored_ids = core.drop_unchanged(self.conn, self.target, rows,
                                                           self.window, self.settings.EMBED_LONG_TEXTS)
         work = rows.take(todo)
@@ -126,7 +128,7 @@ class BlockWorker:
         delta = {k: stats.get(k, 0) - self.stats.get(k, 0) for k in ("requests", "retries")}
         self.stats = stats
         long = {k: getattr(pieces.long, k) for k in ("over", "chunks", "chars", "chars_beyond",
-                                                      "window", "exact", "policy")}
+                                                      "window", "exact", "policy", "origin")}
         return {"rows_read": [rows.rows_read], "empty_ids": [json.dumps(rows.empty_ids)],
                 "duplicates": [rows.duplicate_ids + lost], "unchanged": [unchanged],
                 "written": [written], "chunks": [len(done.chunks)], "texts": [len(pieces.texts)],
