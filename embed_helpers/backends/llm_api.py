@@ -65,7 +65,8 @@ class OpenAIBackend(RemoteBackend):
             said = windows.server_says(self.http, self.model)
             limit, source, origin = (said.limit, said.source, "server") if said.limit else \
                 (OPENAI_COMPATIBLE_DEFAULT_INPUT_TOKENS,
-                 "assumed (set EMBED_MAX_INPUT_TOKENS to the model's limit)", "assumed")
+                 "8,191, as nothing states it (set EMBED_MAX_INPUT_TOKENS to the model's limit)",
+                 "assumed")
         return Window(max(limit - windows.specials(counter), 1), counter, source,
                       self.request_budget(OPENAI_MAX_REQUEST_TOKENS), origin)
 
