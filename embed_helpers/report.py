@@ -145,7 +145,7 @@ class RunReport:
             what = {"chunk": f"split into {long['chunks']} chunks ({self.chunks_written} written)",
                     "truncate": "CUT to the window (EMBED_LONG_TEXTS=truncate)",
                     "fail": "listed as failures (EMBED_LONG_TEXTS=fail)"}[long["policy"]]
-            origin = f", {long['origin']}" if long.get("origin") else ""
+            origin = f" ({long['origin']})" if long.get("origin") else ""
             lines.append(f"long texts: {long['over']} over the {long['window']}-token window"
                          f"{'' if long['exact'] else ' (estimated)'}{origin}, {what}; "
                          f"{long['share_beyond']:.1%} of the characters lay beyond it")

@@ -22,7 +22,8 @@ from dataclasses import dataclass, replace
 
 from .config import Settings, mask_url
 from .constants import ASSUMED_WINDOW_WARN_TOKENS, BUNDLED_TOKENIZER_MODEL, SPECIAL_TOKENS_MARGIN
-from .errors import BackendError, ConfigError, InputTooLong, ModelMismatch
+from .errors import (BackendError, BadInput, BatchTooLarge, ConfigError, InputTooLong,
+                     ModelMismatch)
 from .tokens import EstimatedTokens, TokenizerCount, Window
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,9 @@ def settle(backend, cache, texts) -> str | None:
             if refused is None:
                 raise
             window = refused
+        except (BatchTooLarge, BadInput) as exc:  # too many inputs at once, or one refused
+            log.warning("could not measure the window of %s (%s): it stays assumed; set "
+                        "EMBED_MAX_INPUT_TOKENS", backend.model, exc.server_message or exc)
         # A Ray worker settles again for each block: a longer text may need a new look.
         backend._assumed_window = assumed
         backend.window = window  # note: overrides the cached_property for this backend

@@ -284,3 +284,15 @@ def test_an_assumed_window_with_long_texts_warns_how_to_fix_it(truncating, setti
     assert truncating.total_requests() == 0
     with get_backend(s) as backend:
         assert windows.settle(backend, None, ["short text"]) is None
+
+
+def test_a_server_refusing_the_measuring_batch_leaves_the_window_assumed_and_warns(
+        truncating, settings, conn, table):
+    truncating.max_batch = 8  # 413 on the measuring request of more inputs
+    s = settings()
+    with get_backend(s) as backend, open_cache(s) as cache:
+        plan = plan_ingest(frame(), Target(table, "id", "text"), settings=s, conn=conn,
+                           backend=backend, cache=cache)
+    assert dict(plan.as_rows())["window, from"].startswith("assumed:")
+    assert any("EMBED_MAX_INPUT_TOKENS" in note for note in plan.notes)
+    assert truncating.statuses[413] == 1 and truncating.total_requests(OPENAI) == 1
