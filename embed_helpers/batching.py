@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import core
+from . import core, windows
 from .errors import EmbeddingFailures
 from .pieces import Pieces
 from .resilient import BatchSizer, Dimension, Failure, preview
@@ -83,6 +83,7 @@ def batch_embed(texts: Sequence[str], backend: Any = None, settings: Any = None,
 
 def _embed_texts(texts: list[str], backend, settings, cache) -> EmbedResult:
     keep = [i for i, t in enumerate(texts) if t.strip()]
+    windows.settle(backend, cache, [texts[i] for i in keep])  # the window, before any Pieces
     pieces = Pieces([str(i) for i in keep], [texts[i] for i in keep], backend.window,
                     settings.EMBED_LONG_TEXTS, settings.EMBED_CHUNK_OVERLAP)
     dimension = Dimension(*core.known_dimension(settings, backend.identity(), cache=cache))

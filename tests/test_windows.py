@@ -296,3 +296,15 @@ def test_a_server_refusing_the_measuring_batch_leaves_the_window_assumed_and_war
     assert dict(plan.as_rows())["window, from"].startswith("assumed:")
     assert any("EMBED_MAX_INPUT_TOKENS" in note for note in plan.notes)
     assert truncating.statuses[413] == 1 and truncating.total_requests(OPENAI) == 1
+
+
+def test_batch_embed_measures_too_and_never_returns_a_cut_texts_vector(truncating, settings):
+    from embed_helpers import batch_embed
+    texts = list(frame()["text"])
+    result = batch_embed(texts, settings=settings())
+    assert measuring_requests(truncating) == 1 and not result.failures
+    for text, vector in zip(texts, result.vectors):
+        if count_tokens(text) > READS:
+            assert not np.allclose(vector, expected_vector(read_part(text, READS), 32), atol=1e-3)
+        else:
+            assert np.allclose(vector, expected_vector(text, 32), atol=1e-6)
