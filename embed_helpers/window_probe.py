@@ -22,6 +22,7 @@ import numpy as np
 from .constants import (MEASURE_COMMON_WINDOWS, MEASURE_MAX_PREFIXES, MEASURE_MAX_SPECIALS,
                         MEASURE_MAX_TOKENS, MEASURE_MIN_TOKENS, MEASURE_STEP, MEASURE_TOLERANCE,
                         MEASURED_ESTIMATE_MARGIN)
+from .errors import InputTooLong
 from .tokens import Window
 
 log = logging.getLogger(__name__)
@@ -110,9 +111,22 @@ def measure(backend, text: str, counter) -> dict:
     return {"tokens": window, "cut": cut, "within": ends[-1][1]}
 
 
+def measured_or_refused(backend, text: str, counter, need: int) -> dict:
+    """`measure`, or the window a refusal of the measuring request states (a server that
+    refuses long inputs says its window); a refusal without a figure is raised."""
+    from .windows import specials
+    try:
+        return measure(backend, text, counter)
+    except InputTooLong as exc:
+        if not exc.limit:
+            raise
+        return {"tokens": max(exc.limit - specials(counter), 1), "cut": True, "within": need,
+                "refused": (exc.server_message or str(exc))[:120]}
+
+
 def measured_window(backend, cache, texts: list[str], window: Window) -> Window:
-    """`window` replaced by the measured one: the cache store's fact when it covers the
-    longest of `texts`, else one measurement, remembered there."""
+    """`window` replaced by the measured one (or the one a refusal states): the cache store's
+    fact when it covers the longest of `texts`, else one measurement, remembered there."""
     from .windows import fact_key
     counter = window.counter
     longest = max(texts, key=lambda t: len(t.encode("utf-8", "surrogatepass")))
@@ -124,9 +138,12 @@ def measured_window(backend, cache, texts: list[str], window: Window) -> Window:
     if not usable:
         if need < MEASURE_MIN_TOKENS or backend.settings.EMBED_CACHE_ONLY:
             return window  # nothing long enough to measure with, or no request allowed
-        fact = measure(backend, longest, counter)
+        fact = measured_or_refused(backend, longest, counter, need)
         if cache is not None:
             cache.put_fact(key, fact)
+    if fact.get("refused"):
+        return replace(window, max_tokens=fact["tokens"], origin="server",
+                       source=f"the server's refusal: {fact['refused']}")
     if not fact["cut"]:  # every text of the run is read whole; beyond, the assumption stands
         return replace(window, max_tokens=max(window.max_tokens, fact["within"]), origin="measured",
                        source=f"the server read {fact['within']} tokens without a cut; "

@@ -146,20 +146,16 @@ def fact_key(backend, counter) -> str:
 
 def settle(backend, cache, texts) -> str | None:
     """Decide the backend's window before a plan is made: an assumed one is replaced by the
-    window measured on the longest of `texts` (remembered in `cache`, so measured once), or
-    stated by the server's refusal of it; the result is set as `backend.window`. Returns a warning for the plan when the window
-    is still assumed and some text is over ASSUMED_WINDOW_WARN_TOKENS, else None."""
+    window measured on the longest of `texts`, or stated by the server's refusal of it
+    (remembered in `cache`, so learned once); the result is set as `backend.window`.
+    Returns a warning for the plan when the window is still assumed and some text is over
+    ASSUMED_WINDOW_WARN_TOKENS, else None."""
     from .window_probe import measured_window
     assumed = backend.__dict__.get("_assumed_window") or backend.window
     window = backend.window
     if assumed.origin == "assumed" and texts and hasattr(backend, "http"):
         try:
             window = measured_window(backend, cache, list(texts), assumed)
-        except InputTooLong as exc:
-            refused = from_refusal(exc, assumed)
-            if refused is None:
-                raise
-            window = refused
         except (BatchTooLarge, BadInput) as exc:  # too many inputs at once, or one refused
             log.warning("could not measure the window of %s (%s): it stays assumed; set "
                         "EMBED_MAX_INPUT_TOKENS", backend.model, exc.server_message or exc)

@@ -3,6 +3,7 @@ measuring request; counted in the model's tokens; the answering model checked.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -166,7 +167,10 @@ def test_a_refusing_server_is_learned_before_the_plan_and_its_texts_chunked(
         {MODEL}, 200, "vllm"
     report = run(settings(EMBED_MAX_RETRIES=0), conn, table, frame())
     assert report.rows_failed == 0 and report.long_texts["origin"] == "server"
-    assert report.long_texts["over"] == 5
+    assert report.long_texts["over"] == 5 and fake_server.statuses[400] == 1
+    fake_server.reset()
+    run(settings(EMBED_MAX_RETRIES=0), conn, table, frame())
+    assert fake_server.total_requests(OPENAI) == 0  # the refusal is remembered too
 
 
 @pytest.mark.parametrize("knob, value, source", [
@@ -191,8 +195,7 @@ def test_a_minilm_is_counted_with_its_own_tokenizer(fake_server, tmp_path):
         make_backend(fake_server, EMBED_TOKENIZER=str(tmp_path / "none.json")).window
 
 
-def test_another_answering_model_is_refused_before_anything_is_cached(fake_server, settings,
-                                                                      make_settings, tmp_path):
+def test_another_answering_model_is_refused_before_anything_is_cached(fake_server):
     fake_server.answer_model = "sentence-transformers/all-MiniLM-L6-v2"  # infinity, any name
     with make_backend(fake_server, OPENAI_EMBED_MODEL="bge-m3") as backend:
         with pytest.raises(ModelMismatch, match="answered with 'sentence-transformers/all-MiniLM"):
@@ -210,9 +213,7 @@ def test_the_cli_stops_with_exit_1_and_writes_nothing_for_another_model(fake_ser
     env = {"EMBEDDING_BACKEND": "llm_api", "OPENAI_BASE_URL": fake_server.openai_url,
            "OPENAI_EMBED_MODEL": "bge-m3", "EMBED_CACHE_PATH": str(tmp_path / "cache.jsonl"),
            "PYTHONPATH": str(PROJECT_ROOT), "PATH": "/usr/bin:/bin",
-           "EMBED_MAX_INPUT_TOKENS": window}
-    import os
-    env["DATABASE_URL"] = os.environ["DATABASE_URL"]
+           "EMBED_MAX_INPUT_TOKENS": window, "DATABASE_URL": os.environ["DATABASE_URL"]}
     done = subprocess.run([sys.executable, "-m", "embed_helpers", "ingest", "--data", str(data),
                            "--id-col", "id", "--text-col", "text", "--table", table, "-q"],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -275,7 +276,7 @@ def test_the_shared_postgres_store_remembers_the_window_for_every_machine(
     assert truncating.total_requests() == 0
 
 
-def test_an_assumed_window_with_long_texts_warns_how_to_fix_it(truncating, settings, caplog):
+def test_an_assumed_window_with_long_texts_warns_how_to_fix_it(truncating, settings):
     s = settings(EMBED_CACHE_ONLY=1)  # no request allowed: nothing is measured
     with get_backend(s) as backend:
         warning = windows.settle(backend, None, ["word " * 800])
