@@ -33,14 +33,15 @@ ORIGINS = ("setting", "server", "model", "measured", "assumed")
 
 def counter_for(settings: Settings, model: str) -> EstimatedTokens | TokenizerCount:
     """EMBED_TOKENIZER's tokenizer, else the bundled MiniLM's when the model is a MiniLM
-    (`BUNDLED_TOKENIZER_MODEL` in its name), else the byte estimate."""
+    (`BUNDLED_TOKENIZER_MODEL` in its name; Ollama calls it `all-minilm:l6-v2`), else the
+    byte estimate."""
     path = settings.EMBED_TOKENIZER
     if path is not None:
         if not path.is_file():
             raise ConfigError("EMBED_TOKENIZER", f"{path} is not a file; give the served "
                                                  f"model's tokenizer.json, or leave it empty.")
         return TokenizerCount(path, path.parent.name or path.name)
-    if BUNDLED_TOKENIZER_MODEL in model.lower().rsplit("/", 1)[-1]:
+    if BUNDLED_TOKENIZER_MODEL in model.lower().rsplit("/", 1)[-1].replace(":", "-"):
         from .backends.local import bundled_model_path  # no torch: only a path
         try:
             tokenizer = bundled_model_path() / "tokenizer.json"

@@ -309,3 +309,9 @@ def test_batch_embed_measures_too_and_never_returns_a_cut_texts_vector(truncatin
             assert not np.allclose(vector, expected_vector(read_part(text, READS), 32), atol=1e-3)
         else:
             assert np.allclose(vector, expected_vector(text, 32), atol=1e-6)
+
+
+def test_ollama_counts_its_minilm_with_the_bundled_tokenizer(fake_server):
+    with make_backend(fake_server, "ollama", OLLAMA_EMBED_MODEL="all-minilm:l6-v2") as backend:
+        window = backend.window
+    assert window.exact and window.origin == "server" and window.max_tokens == 2048 - 2
