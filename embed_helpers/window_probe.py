@@ -132,15 +132,16 @@ def measured_window(backend, cache, texts: list[str], window: Window) -> Window:
     longest = max(texts, key=lambda t: len(t.encode("utf-8", "surrogatepass")))
     need = min(counter.count([longest])[0], MEASURE_MAX_TOKENS)
     key = fact_key(backend, counter)
-    fact = cache.get_fact(key) if cache is not None else None
+    # Without a cache store, the backend itself remembers (batch_embed called in a loop).
+    store = cache if cache is not None else backend.__dict__.setdefault("_window_facts", _Facts())
+    fact = store.get_fact(key)
     usable = isinstance(fact, dict) and isinstance(fact.get("tokens"), int) \
         and (fact.get("cut") or fact.get("within", 0) >= need)
     if not usable:
         if need < MEASURE_MIN_TOKENS or backend.settings.EMBED_CACHE_ONLY:
             return window  # nothing long enough to measure with, or no request allowed
         fact = measured_or_refused(backend, longest, counter, need)
-        if cache is not None:
-            cache.put_fact(key, fact)
+        store.put_fact(key, fact)
     if fact.get("refused"):
         return replace(window, max_tokens=fact["tokens"], origin="server",
                        source=f"the server's refusal: {fact['refused']}")
@@ -153,3 +154,13 @@ def measured_window(backend, cache, texts: list[str], window: Window) -> Window:
     margin = "" if counter.exact else f", {MEASURED_ESTIMATE_MARGIN:.0%} of it kept"
     return replace(window, max_tokens=tokens, origin="measured",
                    source=f"the server cuts inputs after {fact['tokens']} tokens{margin}")
+
+
+class _Facts(dict):
+    """The facts API of a cache store, in memory."""
+
+    def get_fact(self, key: str):
+        return self.get(key)
+
+    def put_fact(self, key: str, value) -> None:
+        self[key] = value

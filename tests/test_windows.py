@@ -315,3 +315,11 @@ def test_ollama_counts_its_minilm_with_the_bundled_tokenizer(fake_server):
     with make_backend(fake_server, "ollama", OLLAMA_EMBED_MODEL="all-minilm:l6-v2") as backend:
         window = backend.window
     assert window.exact and window.origin == "server" and window.max_tokens == 2048 - 2
+
+
+def test_without_a_cache_the_backend_remembers_its_measured_window(truncating, settings):
+    from embed_helpers import batch_embed
+    with get_backend(settings()) as backend:
+        for _ in range(3):
+            batch_embed(list(frame()["text"]), backend=backend, settings=settings())
+    assert measuring_requests(truncating) == 1
