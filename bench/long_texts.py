@@ -10,7 +10,10 @@ answer is that abstract: a truncated row never saw that sentence. Both modes ing
 rows with `workflow.ingest` (each with a fresh cache file), and recall@10 is counted with
 `retrieval.search` (a chunked row is ranked by its best chunk); for the chunk table also
 with the row vectors alone (the normalised mean of the chunks). The model is loaded before
-anything is timed (the queries are embedded first). Database and state: bench/common.py.
+anything is timed (the queries are embedded first). A third run sends the same rows through
+a loopback server that serves that model as infinity does (`model_server.py`: it reads 256
+word pieces of each input and says nothing), with no EMBED_MAX_INPUT_TOKENS: the window is
+measured (one request) and the rows chunked to it. Database and state: bench/common.py.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from psycopg2 import sql
 
 from common import (PUBMED_SAMPLE, PUBMED_SHARED, SHARED_DATA, Workspace, print_header,
                     print_table)
+from model_server import MODEL_ID, ModelServer
 
 from embed_helpers import retrieval
 from embed_helpers.backends import get_backend
@@ -75,16 +79,23 @@ def recall(found: list[list[str]], answers: list[str]) -> float:
     return sum(a in f for f, a in zip(found, answers)) / len(answers)
 
 
-def run_mode(ws: Workspace, backend, frame: pd.DataFrame, mode: str) -> tuple[str, dict]:
-    table = f"bench_long_{mode}"
+def run_mode(ws: Workspace, backend, frame: pd.DataFrame, mode: str,
+             served: str = "") -> tuple[str, dict]:
+    """One ingest; `served`: through that OpenAI-compatible URL (llm_api), not in process."""
+    table = f"bench_long_{mode}{'_served' if served else ''}"
     ws.drop(table)
-    settings = ws.settings(f"{mode}.jsonl", EMBEDDING_BACKEND="local", EMBED_LONG_TEXTS=mode,
-                           EMBED_CHUNK_OVERLAP=32)
+    over_http = dict(EMBEDDING_BACKEND="llm_api", OPENAI_BASE_URL=served,
+                     OPENAI_EMBED_MODEL=MODEL_ID) if served else dict(EMBEDDING_BACKEND="local")
+    settings = ws.settings(f"{table}.jsonl", EMBED_LONG_TEXTS=mode, EMBED_CHUNK_OVERLAP=32,
+                           **over_http)
+    client = get_backend(settings) if served else backend
     with open_cache(settings) as cache:
         start = time.perf_counter()
         report = ingest(frame, Target(table, "pmid", "text"), settings=settings, conn=ws.conn,
-                        backend=backend, cache=cache, progress=False)
+                        backend=client, cache=cache, progress=False)
         wall = time.perf_counter() - start
+    if served:
+        client.close()
     assert report.rows_written == len(frame) and not report.rows_failed, report
     return table, {"report": report, "wall": wall}
 
@@ -129,18 +140,22 @@ def main() -> None:
                      token_stats("Synthea patient contexts", contexts[text_col].tolist(), window)])
         runs, rows = {}, []
         try:
-            for mode in ("truncate", "chunk"):
-                table, runs[mode] = run_mode(ws, backend, frame, mode)
-                runs[mode]["table"] = table
-                runs[mode]["search"] = [
-                    [h[0] for h in retrieval.search(ws.conn, table, "pmid", "text", v, K)]
-                    for v in vectors]
+            with ModelServer(backend) as server:
+                for mode, served in (("truncate", ""), ("chunk", ""), ("served", server.url)):
+                    table, runs[mode] = run_mode(ws, backend, frame, mode.replace("served", "chunk"),
+                                                 served)
+                    runs[mode]["table"] = table
+                    runs[mode]["search"] = [
+                        [h[0] for h in retrieval.search(ws.conn, table, "pmid", "text", v, K)]
+                        for v in vectors]
             rows_only = [row_vectors_only(ws.conn, runs["chunk"]["table"], v) for v in vectors]
             for mode, label in (("truncate", "truncate"),
-                                ("chunk", "chunk (best chunk ranks a row)")):
+                                ("chunk", "chunk (best chunk ranks a row)"),
+                                ("served", "chunk, via a silently truncating server (window "
+                                           "measured)")):
                 r = runs[mode]["report"]
-                rows.append([label, len(long), r.long_texts.get("chunks", 0) if mode == "chunk"
-                             else "", r.texts_embedded, r.requests, f"{runs[mode]['wall']:.1f}",
+                rows.append([label, r.long_texts.get("over", 0), r.long_texts.get("chunks", 0)
+                             if mode != "truncate" else "", r.texts_embedded, r.requests, f"{runs[mode]['wall']:.1f}",
                              f"{recall(runs[mode]['search'], answers):.3f}"])
             rows.append(["chunk table, row vectors only (mean of chunks)", "", "", "", "", "",
                          f"{recall(rows_only, answers):.3f}"])
@@ -152,9 +167,11 @@ def main() -> None:
         print_table(["mode", "texts over the window", "chunks made", "texts embedded",
                      "requests", "wall s", f"recall@{K}"], rows)
         chunk = recall(runs["chunk"]["search"], answers)
+        served = recall(runs["served"]["search"], answers)
         print(f"target: recall@{K} with chunks >= {TARGET}: "
               f"{'met' if chunk >= TARGET else 'MISSED'} ({chunk:.3f}; truncate "
-              f"{recall(runs['truncate']['search'], answers):.3f})")
+              f"{recall(runs['truncate']['search'], answers):.3f}; via the truncating server "
+              f"{served:.3f}, window: {runs['served']['report'].long_texts.get('origin')})")
 
 
 if __name__ == "__main__":

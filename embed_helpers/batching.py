@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import core
+from . import core, windows
 from .core import is_missing
 from .errors import EmbeddingFailures
 from .pieces import Pieces
@@ -105,6 +105,7 @@ class _Vectors:
 
 def _embed_texts(texts: list[str], backend, settings, cache) -> EmbedResult:
     keep = [i for i, t in enumerate(texts) if not is_missing(t)]
+    windows.settle(backend, cache, [texts[i] for i in keep])  # the window, before any Pieces
     pieces = Pieces([str(i) for i in keep], [texts[i] for i in keep], backend.window,
                     settings.EMBED_LONG_TEXTS, settings.EMBED_CHUNK_OVERLAP)
     dim, source = core.known_dimension(settings, backend.identity(), cache=cache)

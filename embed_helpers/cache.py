@@ -23,6 +23,7 @@ from .cache_format import digest, encode_line, index_chunk, vector_at
 from .cache_io import flocked, lock_current, raw_chunks, scan_records
 from .config import relative
 from .constants import READ_GAP_BYTES, READ_SPAN_BYTES, project_path
+from .facts import FileFacts
 from .identity import Identity
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class CacheStats:
         return self.hits / asked if asked else 0.0
 
 
-class EmbeddingCache:
+class EmbeddingCache(FileFacts):
     """(identity, text) -> vector over one JSONL file; safe to share between threads and
     processes on one machine (`cache_pg.PostgresCache` is shared by every machine).
 

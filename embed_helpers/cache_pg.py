@@ -21,6 +21,7 @@ from .cache_format import text_sha256, variant_sha256
 from .constants import CACHE_LEASE_MAX_S
 from .config import Settings, mask_url
 from .db_guard import create_racing, guarded
+from .facts import TableFacts
 from .identity import Identity
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def cache_settings(settings: Settings) -> Settings:
     return settings
 
 
-class PostgresCache:
+class PostgresCache(TableFacts):
     """(identity, text) -> vector in a PostgreSQL table; its own connection, used by one
     thread at a time."""
 

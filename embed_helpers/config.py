@@ -82,14 +82,16 @@ def _url(value: Any) -> str:
 
 
 def _urls(value: Any) -> str:
-    """One URL or a comma-separated list of servers that serve the same model.
+    """One URL or a list of servers that serve the same model, separated by commas or spaces.
 
     >>> _urls(" http://a:1/ , http://b:2")
     'http://a:1,http://b:2'
+    >>> _urls("http://a:1 http://b:2/v1")
+    'http://a:1,http://b:2/v1'
     """
-    parts = [p for p in str(value).split(",") if p.strip()]
+    parts = [p for p in re.split(r"[,\s]+", str(value)) if p]
     if not parts:
-        raise ValueError("expected one or more http(s):// URLs separated by commas")
+        raise ValueError("expected one or more http(s):// URLs separated by commas or spaces")
     return ",".join(_url(p.strip()) for p in parts)
 
 
@@ -136,6 +138,7 @@ class Settings:
     EMBED_CHUNK_OVERLAP: int = 32
     EMBED_MAX_INPUT_TOKENS: int | None = None
     EMBED_MAX_TOKENS_PER_REQUEST: int | None = None
+    EMBED_TOKENIZER: Path | None = None
     OLLAMA_HOST: str = "http://localhost:11434"
     OLLAMA_EMBED_MODEL: str = "nomic-embed-text"
     OPENAI_BASE_URL: str = "https://api.openai.com/v1"
@@ -184,9 +187,10 @@ SPEC: dict[str, tuple[Callable[[Any], Any], str]] = {
     "EMBED_CHUNK_OVERLAP": (_int(0), "tokens shared by neighbouring chunks of a long text"),
     "EMBED_MAX_INPUT_TOKENS": (_optional(_int(1)), "tokens one input may hold; unset = the model's own window"),
     "EMBED_MAX_TOKENS_PER_REQUEST": (_optional(_int(0)), "tokens one request may carry; unset = the backend's limit (OpenAI's 300,000), 0 = none"),
-    "OLLAMA_HOST": (_urls, "Ollama server URL, or several separated by commas"),
+    "EMBED_TOKENIZER": (_optional(_path), "tokenizer.json of the served model, to count its tokens exactly; unset = the bundled MiniLM's for a MiniLM, else an estimate"),
+    "OLLAMA_HOST": (_urls, "Ollama server URL, or several separated by commas or spaces"),
     "OLLAMA_EMBED_MODEL": (_text, "Ollama embedding model"),
-    "OPENAI_BASE_URL": (_urls, "OpenAI-compatible base URL including /v1, or several separated by commas"),
+    "OPENAI_BASE_URL": (_urls, "OpenAI-compatible base URL including /v1, or several separated by commas or spaces"),
     "OPENAI_API_KEY": (_secret, "API key (secret; sent as Bearer token)"),
     "OPENAI_EMBED_MODEL": (_text, "model name sent to the OpenAI-compatible server"),
     "LOCAL_EMBED_MODEL": (_text, "sentence-transformers model: the bundled name, or a path"),

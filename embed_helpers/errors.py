@@ -19,6 +19,11 @@ class ConfigError(EmbedHelpersError, ValueError):
         super().__init__(f"{variable}: {message}")
 
 
+class ModelMismatch(ConfigError):
+    """The server lists, or answers with, another model than the configured one: its vectors
+    would be cached under a name that did not make them. Raised before anything is stored."""
+
+
 class DataError(EmbedHelpersError, ValueError):
     """The input data cannot be ingested as given (missing column, no rows...)."""
 
@@ -61,6 +66,20 @@ class ModelNotFound(BackendError):
 
 class BatchTooLarge(BackendError):
     """413, or a 400 saying too many inputs / too long: split and retry."""
+
+
+class InputTooLong(BatchTooLarge):
+    """A 400/413/422/500 saying that one input is longer than the model reads.
+
+    Attributes:
+        limit: the window the server stated, in its tokens (its special tokens included),
+            or None when its message gave no figure. `windows.from_refusal` turns it into a
+            `Window`, so that the refused text can be chunked and sent again.
+    """
+
+    def __init__(self, message: str, *, limit: int | None = None, **kw):
+        self.limit = limit
+        super().__init__(message, **kw)
 
 
 class BadInput(BackendError):

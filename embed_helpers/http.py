@@ -21,7 +21,8 @@ from requests.adapters import HTTPAdapter
 from .config import Settings, mask, mask_url
 from .constants import CONNECT_TIMEOUT_S, MAX_TIMEOUT_RETRIES
 from .errors import (AuthenticationError, BackendError, BackendUnreachable, BadInput,
-                     BatchTooLarge, EmbeddingValidationError, ModelNotFound, WrongRoute)
+                     BatchTooLarge, EmbeddingValidationError, InputTooLong, ModelNotFound,
+                     WrongRoute)
 from .retry import retry_delay, should_retry
 from .servers import ServerPool
 
@@ -33,6 +34,16 @@ _TOO_LARGE = re.compile(
     r"must have less than|exceeds? (the )?(max|limit)|max(imum)? (number of )?inputs|"
     r"tokens per request|too many tokens|max_tokens_per_request",
     re.IGNORECASE)
+# One input over the model's window, with the window where the server states it: OpenAI and
+# vLLM ("maximum context length is N tokens"), OpenAI's newer "maximum input length is N
+# tokens", TEI ("must have less than N tokens"), llama.cpp's 400 ("exceeds the available
+# context size (N tokens)") and 500 ("too large to process ... (current batch size: N)").
+_WINDOW_SAID = re.compile(
+    r"maximum (?:context|input) length is (\d+) tokens|must have less than (\d+) tokens|"
+    r"available context size \((\d+) tokens\)|too large to process.*?current batch size: (\d+)",
+    re.IGNORECASE | re.DOTALL)
+_INPUT_TOO_LONG = re.compile(r"too large to process|exceeds the available context size|"
+                             r"maximum (context|input) length", re.IGNORECASE)
 _MODEL_MISSING = re.compile(r"model.*(not found|does not exist|not exist)", re.IGNORECASE)
 
 
@@ -134,16 +145,18 @@ class HttpClient:
         self.session.close()
 
     # --- the request --------------------------------------------------------------
-    def get_json(self, path: str, payload: dict | None = None) -> Any:
+    def get_json(self, path: str, payload: dict | None = None, *, root: bool = False) -> Any:
         """A small JSON document (a version, a model's facts) from the first live server:
         GET, or POST with `payload`. None when none answers it; never retried, callers fall
-        back to a default."""
+        back to a default. `root`: the path is under the server's root, not its `/v1`
+        (TEI's `/info`, llama.cpp's `/props`)."""
         timeout = (CONNECT_TIMEOUT_S, CONNECT_TIMEOUT_S)
         for _ in range(len(self.pool)):
             server = self.pool.acquire(count=False)
+            url = (re.sub(r"/v1$", "", server.url) if root else server.url) + path
             try:
-                response = self.session.post(server.url + path, json=payload, timeout=timeout) \
-                    if payload is not None else self.session.get(server.url + path, timeout=timeout)
+                response = self.session.post(url, json=payload, timeout=timeout) \
+                    if payload is not None else self.session.get(url, timeout=timeout)
             except requests.RequestException:
                 self.pool.release(server, ok=False, down=True)
                 continue
@@ -252,6 +265,11 @@ class HttpClient:
         code = _error_code(response)
         if status in (400, 404) and (code == "model_not_found" or _MODEL_MISSING.search(said)):
             return ModelNotFound(f"{where}: the model is not there.", hint=self.model_hint, **kw)
+        limit = stated_window(response, said)
+        if status in (400, 413, 422, 500) and (limit or _INPUT_TOO_LONG.search(said)):
+            return InputTooLong(f"{where}: an input is longer than the model reads"
+                                f"{f' ({limit} tokens)' if limit else ''}.", limit=limit,
+                                hint="Set EMBED_MAX_INPUT_TOKENS to the model's window.", **kw)
         if status == 413 or (status in (400, 422) and (_TOO_LARGE.search(said)
                                                        or code == "max_tokens_per_request")):
             return BatchTooLarge(f"{where}: the batch is too large.",
@@ -274,6 +292,19 @@ class HttpClient:
                                 hint="Check the server and its logs, then run again: what was "
                                      "embedded so far is cached and will not be paid again.", **kw)
         return BackendError(f"{where}.", **kw)
+
+
+def stated_window(response: requests.Response, said: str) -> int | None:
+    """The window a refusal states: llama.cpp's `n_ctx` field, else a figure in the message
+    (`_WINDOW_SAID`); None when it states none."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict) and isinstance(error.get("n_ctx"), int) and error["n_ctx"] > 0:
+        return error["n_ctx"]
+    match = _WINDOW_SAID.search(said)
+    return int(next(g for g in match.groups() if g)) if match else None
 
 
 def _error_code(response: requests.Response) -> str:

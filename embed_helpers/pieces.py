@@ -41,6 +41,7 @@ class LongTexts:
     chars_beyond: int = 0         # characters a truncating model would not read
     chunks: int = 0               # pieces made from the long rows
     examples: list[str] = field(default_factory=list)
+    origin: str = ""              # setting, server, model, measured or assumed (`windows`)
 
     @property
     def share_beyond(self) -> float:
@@ -49,7 +50,8 @@ class LongTexts:
     def as_rows(self) -> list[tuple[str, object]]:
         """(what, figure) pairs for the plan and the report."""
         how = "" if self.exact else " (estimated)"
-        rows = [(f"texts over the {self.window}-token window{how}", self.over)]
+        rows = [("window, from", f"{self.origin}: {self.source}")] if self.origin else []
+        rows.append((f"texts over the {self.window}-token window{how}", self.over))
         if self.over:
             what = {"chunk": f"split into {self.chunks} chunks", "truncate": "cut (warned)",
                     "fail": "listed as failures"}[self.policy]
@@ -76,7 +78,8 @@ class Pieces:
             raise ConfigError("EMBED_LONG_TEXTS", f"expected one of {', '.join(POLICIES)}, "
                                                   f"got {policy!r}")
         self.ids, self.row_texts = ids, texts
-        self.long = LongTexts(window.max_tokens, window.exact, window.source, policy)
+        self.long = LongTexts(window.max_tokens, window.exact, window.source, policy,
+                              origin=window.origin)
         self.spans: list[list[tuple[int, int]]] = []
         self.failed: list[tuple[int, str]] = []      # (row, reason) known before sending
         self.tokens: dict[str, int] = {}             # text to send -> its token count

@@ -209,8 +209,9 @@ class RunReport:
             what = {"chunk": f"split into {long['chunks']} chunks ({self.chunks_written} written)",
                     "truncate": "CUT to the window (EMBED_LONG_TEXTS=truncate)",
                     "fail": "listed as failures (EMBED_LONG_TEXTS=fail)"}[long["policy"]]
+            origin = f" ({long['origin']})" if long.get("origin") else ""
             lines.append(f"long texts: {long['over']} over the {long['window']}-token window"
-                         f"{'' if long['exact'] else ' (estimated)'}, {what}; "
+                         f"{'' if long['exact'] else ' (estimated)'}{origin}, {what}; "
                          f"{long['share_beyond']:.1%} of the characters lay beyond it")
         for url, s in self.servers.items():
             latency = "" if s.get("mean_latency_s") is None else \

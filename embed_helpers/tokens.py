@@ -88,12 +88,15 @@ class Window:
         counter: `EstimatedTokens` or `TokenizerCount`.
         source: where `max_tokens` comes from, for the plan and the report.
         request_tokens: the most tokens one request may carry, or None for no limit.
+        origin: what kind of source: "setting", "server", "model" (the local model's own
+            files), "measured" or "assumed" (`windows.ORIGINS`).
     """
 
     max_tokens: int
     counter: EstimatedTokens | TokenizerCount
     source: str
     request_tokens: int | None = None
+    origin: str = "assumed"
 
     @property
     def exact(self) -> bool:
@@ -103,5 +106,5 @@ class Window:
         how = "exact" if self.exact else "estimated"
         budget = f"; at most {self.request_tokens:,} tokens per request" \
             if self.request_tokens else ""
-        return f"{self.max_tokens:,} tokens per text ({self.source}; counts {how}: " \
+        return f"{self.max_tokens:,} tokens per text ({self.origin}: {self.source}; counts {how}: " \
                f"{self.counter.name}){budget}"

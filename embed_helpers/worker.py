@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 
-from . import core, db
+from . import core, db, windows
 from .pieces import Done, Pieces
 from .resilient import Dimension, Failure
 from .sequence import EmbedSequence, Tally
@@ -55,7 +55,9 @@ class BlockWorker:
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
         before = self.backend.stats()
-        pieces = Pieces([str(i) for i in batch["id"]], [str(t) for t in batch["text"]],
+        texts = [str(t) for t in batch["text"]]
+        windows.settle(self.backend, self.sequence.cache, texts)  # the fact, or one measurement
+        pieces = Pieces([str(i) for i in batch["id"]], texts,
                         self.backend.window, self.settings.EMBED_LONG_TEXTS,
                         self.settings.EMBED_CHUNK_OVERLAP)
         sink, tally = BlockSink(pieces), Tally()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import core, db, retrieval
+from . import core, db, retrieval, windows
 from .backends import Backend
 from .cache_tools import open_cache
 from .config import Settings
@@ -115,8 +115,10 @@ def plan_ingest(df, target: Target, *, settings: Settings, conn, backend: Backen
         dim, source = core.known_dimension(settings, backend.identity(), conn=conn,
                                            table=target.table, cache=cache)
     rows = rows_of(df, target)
+    warning = windows.settle(backend, cache, rows.texts)  # the window, before any Pieces
     plan = make_plan(rows, target, conn=conn, backend=backend, cache=cache, settings=settings,
                      dim=dim, dim_source=source)
+    plan.notes += [warning] if warning else []
     if probe and plan.to_embed and not settings.EMBED_CACHE_ONLY \
             and settings.EMBED_EXPECTED_TEXTS_PER_S is None and cache is not None:
         sample = plan.batches()[0]

@@ -1,7 +1,9 @@
 """A fake embedding server on 127.0.0.1: real wire formats, counted, with faults.
 
 Speaks OpenAI `/v1/embeddings` (float and base64) and `/v1/models`, Ollama `/api/embed`,
-the legacy `/api/embeddings`, `/api/version` and `/api/show`. Vectors derive from
+the legacy `/api/embeddings`, `/api/version` and `/api/show`, TEI's `/info` and llama.cpp's
+`/props`; refuses long inputs in OpenAI's, vLLM's, TEI's or llama.cpp's words, or cuts
+them silently (`truncate_at`), and can answer as another model (`answer_model`). Vectors derive from
 sha256(text), so tests can state exactly what they expect. Tokens are counted as OpenAI's
 rule of thumb has it (one per 4 UTF-8 bytes); a request over `max_tokens_per_request` is
 refused with OpenAI's own message. Faults are drawn from a hash of (seed, request body,
@@ -52,6 +54,68 @@ def expected_vector(text: str, dim: int, normalized: bool = True) -> np.ndarray:
     return vector if normalized else (vector * np.float32(LEGACY_SCALE)).astype(np.float32)
 
 
+def read_part(text: str, tokens: int, tokenizer_file: str | None = None) -> str:
+    """The part of `text` a model reading `tokens` tokens sees: as `count_tokens` counts
+    them, or as a real tokenizer does, which spends two of them on [CLS] and [SEP] (what
+    sentence-transformers, infinity and TEI do with a BERT model)."""
+    if tokenizer_file is None:
+        return text.encode("utf-8")[:4 * tokens].decode("utf-8", "ignore")
+    offsets = _tokenizer(tokenizer_file).encode(text, add_special_tokens=False).offsets
+    return text if len(offsets) <= tokens - 2 else text[:offsets[tokens - 3][1]]
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(path)
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def _openai_refusal(limit: int, asked: int) -> tuple[int, dict]:
+    return 400, {"error": {"message": f"This model's maximum context length is {limit} tokens, "
+                           f"however you requested {asked} tokens ({asked} in your prompt; 0 for "
+                           f"the completion). Please reduce your prompt; or completion length.",
+                           "type": "invalid_request_error", "param": None, "code": None}}
+
+
+def _openai_input_refusal(limit: int, asked: int) -> tuple[int, dict]:
+    return 400, {"error": {"message": f"Invalid 'input[0]': maximum input length is {limit} tokens.",
+                           "type": "invalid_request_error", "param": "input", "code": None}}
+
+
+def _vllm_refusal(limit: int, asked: int) -> tuple[int, dict]:
+    return 400, {"object": "error", "message": f"This model's maximum context length is {limit} "
+                 f"tokens. However, you requested {asked} tokens in the input for embedding "
+                 f"generation. Please reduce the length of the input.",
+                 "type": "BadRequestError", "param": None, "code": 400}
+
+
+def _tei_refusal(limit: int, asked: int) -> tuple[int, dict]:
+    # TEI with auto_truncate off, on its OpenAI-compatible route (OpenAICompatErrorResponse).
+    return 413, {"message": f"Input validation error: `inputs` must have less than {limit} "
+                            f"tokens. Given: {asked}", "code": 413, "type": "Validation"}
+
+
+def _llamacpp_refusal(limit: int, asked: int) -> tuple[int, dict]:
+    return 400, {"error": {"code": 400, "message": f"request ({asked} tokens) exceeds the available "
+                           f"context size ({limit} tokens), try increasing it",
+                           "type": "exceed_context_size_error", "n_prompt_tokens": asked,
+                           "n_ctx": limit}}
+
+
+def _llamacpp_batch_refusal(limit: int, asked: int) -> tuple[int, dict]:
+    return 500, {"error": {"code": 500, "message": f"input ({asked} tokens) is too large to process. "
+                           f"increase the physical batch size (current batch size: {limit})",
+                           "type": "server_error"}}
+
+
+#: How real servers refuse an input over their window: (status, JSON body) for (limit, asked).
+REFUSALS = {"openai": _openai_refusal, "openai-input": _openai_input_refusal,
+            "vllm": _vllm_refusal, "tei": _tei_refusal, "llamacpp": _llamacpp_refusal,
+            "llamacpp-batch": _llamacpp_batch_refusal}
+
+
 @dataclass(frozen=True)
 class LatencyModel:
     """Time a real server takes: per request, per text, `slots` requests at once."""
@@ -93,6 +157,13 @@ class FakeEmbeddingServer:
         self.context_length: int | None = 2048  # /api/show's model_info; None: no such route
         self.max_tokens_per_request: int | None = None
         self.max_input_tokens: int | None = None
+        self.refusal = "openai"                # wording of the max_input_tokens refusal (REFUSALS)
+        self.truncate_at: int | None = None    # silently read only the first N tokens of each input
+        self.tokenizer_file: str | None = None  # ...counted by this tokenizer.json, [CLS]/[SEP] too
+        self.answer_model: str | None = None   # infinity: serves one model under any name, says which
+        self.max_model_len: int | None = None  # vLLM: in each /v1/models entry
+        self.info_max_input_length: int | None = None  # TEI: GET /info
+        self.props_n_ctx: int | None = None    # llama.cpp: GET /props
         self.refuse_base64 = False             # 400 on encoding_format=base64
         self.ignore_base64 = False             # answer floats whatever was asked
         self.fail_after: int | None = None     # 503 to every request after this many answered
@@ -244,9 +315,8 @@ class FakeEmbeddingServer:
                               f"of {self.max_batch} inputs")
         tokens = [count_tokens(t) for t in texts]
         if self.max_input_tokens is not None and max(tokens, default=0) > self.max_input_tokens:
-            return self.error(req, route, 400, f"This model's maximum context length is "
-                              f"{self.max_input_tokens} tokens, however you requested "
-                              f"{max(tokens)} tokens. Please reduce your prompt.")
+            status, payload = REFUSALS[self.refusal](self.max_input_tokens, max(tokens))
+            return req.reply(status, json.dumps(payload).encode())
         if self.max_tokens_per_request is not None and sum(tokens) > self.max_tokens_per_request:
             return self.error(req, route, 400, f"Requested {sum(tokens)} tokens, max "
                               f"{self.max_tokens_per_request} tokens per request",
@@ -277,6 +347,8 @@ class FakeEmbeddingServer:
         req.reply(200, payload)
 
     def vector(self, text: str, route: str) -> np.ndarray:
+        if self.truncate_at is not None:  # what the model reads: its first N tokens
+            text = read_part(text, self.truncate_at, self.tokenizer_file)
         if self.empty_vectors:
             return np.zeros(0, dtype=np.float32)
         return expected_vector(text, self.wrong_dim or self.dim, normalized=route != LEGACY)
@@ -295,7 +367,7 @@ class FakeEmbeddingServer:
         if self.shuffle_index:
             draws.shuffle(data)
         tokens = sum(count_tokens(t) for t in texts)  # what it bills: the tokens it counted
-        return {"object": "list", "data": data, "model": body.get("model"),
+        return {"object": "list", "data": data, "model": self.answer_model or body.get("model"),
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     def error(self, req: "_Handler", route: str, status: int, message: str, *, code: str | None = None,
@@ -364,9 +436,24 @@ class _Handler(BaseHTTPRequestHandler):
             version = "0.2.8" if fake.legacy_only else fake.version
             return self.reply(200, json.dumps({"version": version}).encode())
         if self.path == "/v1/models":
-            models = sorted(fake.known_models or {"text-embedding-3-small"})
+            models = [fake.answer_model] if fake.answer_model else \
+                sorted(fake.known_models or {"text-embedding-3-small"})
+            extra = {"max_model_len": fake.max_model_len} if fake.max_model_len else {}
             return self.reply(200, json.dumps({"object": "list", "data": [
-                {"id": m, "object": "model", "owned_by": "fake"} for m in models]}).encode())
+                {"id": m, "object": "model", "owned_by": "fake", **extra} for m in models]}).encode())
+        if self.path == "/info" and fake.info_max_input_length:  # TEI's router Info
+            return self.reply(200, json.dumps({
+                "model_id": fake.answer_model or "sentence-transformers/all-MiniLM-L6-v2",
+                "model_sha": None, "model_dtype": "float16",
+                "model_type": {"embedding": {"pooling": "mean"}}, "max_concurrent_requests": 512,
+                "max_input_length": fake.info_max_input_length, "max_batch_tokens": 16384,
+                "max_batch_requests": None, "max_client_batch_size": 32, "auto_truncate": True,
+                "tokenization_workers": 4, "version": "1.9.0"}).encode())
+        if self.path == "/props" and fake.props_n_ctx:  # llama.cpp's server
+            return self.reply(200, json.dumps({
+                "default_generation_settings": {"n_ctx": fake.props_n_ctx, "id": 0},
+                "total_slots": 1, "model_path": "models/all-MiniLM-L6-v2-f16.gguf",
+                "chat_template": "", "build_info": "b5000"}).encode())
         if self.path == "/_busy":  # when the server was working: does it ever wait for us?
             return self.reply(200, json.dumps(self.server.fake.busy).encode())
         self.reply(404, b"404 page not found", "text/plain")

@@ -289,3 +289,27 @@ def test_every_driver_sends_caches_and_returns_the_same(make_settings, conn, tab
     for suffix in ("local", "ray", "batch_embed", "embedder"):
         for extra in ("", "_braked"):
             db.drop_table(conn, f"{table}_{suffix}{extra}")
+
+
+def test_a_silently_truncating_server_is_measured_once_and_chunked_on_ray(make, conn, table):
+    """infinity-like servers (they read 64 of their tokens, say nothing): the measured window
+    is shared through the cache table, and no stored chunk is longer than what they read."""
+    with FakeEmbeddingServer(DIM, truncate_at=64, known_models={"acme"}) as a, \
+            FakeEmbeddingServer(DIM, truncate_at=64, known_models={"acme"}) as b:
+        df = pd.DataFrame({"id": [f"r{i}" for i in range(60)],
+                           "text": [" ".join(f"Finding {n} of note {i} is stable." for n in range(12))
+                                    for i in range(60)]})
+        settings = make([a, b], EMBEDDING_BACKEND="llm_api", OPENAI_EMBED_MODEL="acme",
+                        OPENAI_BASE_URL=f"{a.openai_url} {b.openai_url}", EMBED_ENGINE="ray",
+                        EMBED_CHUNK_OVERLAP=4)
+        report = run(df, table, settings, conn)
+        measuring = [body for s in (a, b) for body in s.bodies if len(body["input"]) > 2 and
+                     all(body["input"][-1].startswith(t) for t in body["input"])]
+    assert report.rows_failed == 0 and report.long_texts["origin"] == "measured"
+    assert report.long_texts["over"] == 60 and 1 <= len(measuring) <= 2  # at most one a server
+    with conn.cursor() as cur:
+        cur.execute(f'SELECT id, char_start, char_end FROM "{table}_chunks"')
+        spans = cur.fetchall()
+    conn.rollback()
+    texts = dict(zip(df["id"], df["text"]))
+    assert spans and all(len(texts[i][s:e].encode()) <= 4 * 64 for i, s, e in spans)

@@ -151,7 +151,8 @@ def test_llm_api_window(server, settings, want, budget):
 
 
 def test_llm_api_window_of_an_unknown_model_is_assumed_and_said(server):
+    server.known_models = {"my-model"}  # it serves my-model, and states no length anywhere
     with make_backend(server, OPENAI_EMBED_MODEL="my-model") as backend:
         window = backend.window
-    assert window.max_tokens == 8191 - SPECIAL_TOKENS_MARGIN
-    assert "assumed" in window.source and "EMBED_MAX_INPUT_TOKENS" in window.source
+    assert window.max_tokens == 8191 - SPECIAL_TOKENS_MARGIN and window.origin == "assumed"
+    assert "nothing states it" in window.source and "EMBED_MAX_INPUT_TOKENS" in window.source

@@ -239,6 +239,7 @@ def test_long_texts_figures(abstracts, window, tok):
     beyond = sum(len(t) - tok.units(t)[WINDOW - 1][1] for _i, t, _c in long)
     rows = dict(pieces.long.as_rows())
     assert rows == {
+        "window, from": "assumed: test window",
         "texts over the 254-token window": len(long),
         "longest text, tokens": f"{longest[2]} (id {longest[0]})",
         "characters beyond the window": f"{beyond / sum(map(len, texts)):.1%}",
@@ -247,7 +248,8 @@ def test_long_texts_figures(abstracts, window, tok):
     }
     assert pieces.long.share_beyond == pytest.approx(beyond / sum(map(len, texts)))
     short = Pieces(["a"], ["fits"], window)
-    assert short.long.as_rows() == [("texts over the 254-token window", 0)]
+    assert short.long.as_rows() == [("window, from", "assumed: test window"),
+                                    ("texts over the 254-token window", 0)]
     estimated = Pieces(["a"], ["x" * 2000], Window(WINDOW, EstimatedTokens(), "guess"), "fail")
     assert dict(estimated.long.as_rows())["long texts (EMBED_LONG_TEXTS=fail)"] == \
         "listed as failures"

@@ -186,3 +186,16 @@ def test_the_cli_under_the_cache_only_brake_sends_nothing_and_lists_misses_by_id
     assert all("EMBED_CACHE_ONLY" in f["reason"] for f in failures)
     assert db.count_rows(conn, table)["rows"] == 10
     assert len(EmbeddingCache(tmp_path / "c.jsonl", read_only=True)) > 0
+
+
+def test_a_hung_server_is_tried_twice_not_max_retries_times(make_settings):
+    """A server that never answers cost (EMBED_MAX_RETRIES + 1) x EMBEDDING_TIMEOUT before
+    (380 s for one batch at the defaults); now one more try, then the fix in words."""
+    with FakeEmbeddingServer(DIM, slow_s=1.5, slow_first=100) as server:
+        settings = make_settings(EMBEDDING_BACKEND="ollama", OLLAMA_HOST=server.url,
+                                 EMBEDDING_TIMEOUT=0.3, EMBED_MAX_RETRIES=5)
+        with get_backend(settings) as backend, pytest.raises(BackendError) as info:
+            batch_embed(["one text", "another"], backend)
+        assert server.total_requests() == 2
+    assert "EMBEDDING_TIMEOUT=0.3s (after 2 attempts)" in str(info.value)
+    assert "hung" in str(info.value)

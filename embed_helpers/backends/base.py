@@ -50,7 +50,8 @@ class Backend:
         limit = self.settings.EMBED_MAX_INPUT_TOKENS or 512
         source = "EMBED_MAX_INPUT_TOKENS" if self.settings.EMBED_MAX_INPUT_TOKENS \
             else "a cautious default"
-        return Window(limit, EstimatedTokens(), source, self.request_budget(None))
+        return Window(limit, EstimatedTokens(), source, self.request_budget(None),
+                      "setting" if self.settings.EMBED_MAX_INPUT_TOKENS else "assumed")
 
     def request_budget(self, default: int | None) -> int | None:
         """EMBED_MAX_TOKENS_PER_REQUEST (0 = no limit), else the backend's own limit."""

@@ -8,13 +8,13 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import windows
 from ..config import Settings
 from ..constants import (OPENAI_COMPATIBLE_DEFAULT_INPUT_TOKENS, OPENAI_MAX_INPUT_TOKENS,
-                         OPENAI_MAX_REQUEST_TOKENS, OPENAI_PRICES_PER_1M_TOKENS,
-                         SPECIAL_TOKENS_MARGIN)
+                         OPENAI_MAX_REQUEST_TOKENS, OPENAI_PRICES_PER_1M_TOKENS)
 from ..errors import BackendError, ConfigError, EmbeddingValidationError
 from ..http import rows_to_array
-from ..tokens import EstimatedTokens, Window
+from ..tokens import Window
 from .remote import RemoteBackend
 
 log = logging.getLogger(__name__)
@@ -50,25 +50,25 @@ class OpenAIBackend(RemoteBackend):
 
     @cached_property
     def window(self) -> Window:
-        """EMBED_MAX_INPUT_TOKENS, else OpenAI's documented limit for the model, else the
-        `max_model_len` a vLLM server lists for it, else 8,191 (assumed, and said so)."""
+        """EMBED_MAX_INPUT_TOKENS, else OpenAI's documented limit for the model, else what the
+        server states (`windows.server_says`: vLLM, TEI, llama.cpp), else 8,191 (assumed, and
+        said so: `windows.settle` then measures it). Counted in the model's tokens where its
+        tokenizer is known (`windows.counter_for`)."""
+        counter = windows.counter_for(self.settings, self.model)
         asked = self.settings.EMBED_MAX_INPUT_TOKENS
         if asked:
-            limit, source = asked, "EMBED_MAX_INPUT_TOKENS"
+            limit, source, origin = asked, "EMBED_MAX_INPUT_TOKENS", "setting"
         elif self.model in OPENAI_MAX_INPUT_TOKENS:
-            limit, source = OPENAI_MAX_INPUT_TOKENS[self.model], f"OpenAI's limit for {self.model}"
+            limit, source, origin = OPENAI_MAX_INPUT_TOKENS[self.model], \
+                f"OpenAI's limit for {self.model}", "server"
         else:
-            listed = self.http.get_json("/models")
-            lengths = [m.get("max_model_len") for m in (listed or {}).get("data") or []
-                       if isinstance(m, dict) and m.get("id") == self.model] \
-                if isinstance(listed, dict) else []
-            if lengths and isinstance(lengths[0], int):
-                limit, source = lengths[0], f"the server's max_model_len for {self.model}"
-            else:
-                limit, source = OPENAI_COMPATIBLE_DEFAULT_INPUT_TOKENS, \
-                    "assumed (set EMBED_MAX_INPUT_TOKENS to the model's limit)"
-        return Window(max(limit - SPECIAL_TOKENS_MARGIN, 1), EstimatedTokens(), source,
-                      self.request_budget(OPENAI_MAX_REQUEST_TOKENS))
+            said = windows.server_says(self.http, self.model)
+            limit, source, origin = (said.limit, said.source, "server") if said.limit else \
+                (OPENAI_COMPATIBLE_DEFAULT_INPUT_TOKENS,
+                 "8,191, as nothing states it (set EMBED_MAX_INPUT_TOKENS to the model's limit)",
+                 "assumed")
+        return Window(max(limit - windows.specials(counter), 1), counter, source,
+                      self.request_budget(OPENAI_MAX_REQUEST_TOKENS), origin)
 
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
@@ -84,6 +84,8 @@ class OpenAIBackend(RemoteBackend):
                      self.service, exc.server_message)
             self.encoding = "float"
             return self.embed_batch(texts)
+        if isinstance(body, dict):  # who answered: before any vector is cached or stored
+            windows.check_answer(self.model, body.get("model"), self.service)
         items = body.get("data") if isinstance(body, dict) else None
         if not isinstance(items, list):
             raise EmbeddingValidationError(

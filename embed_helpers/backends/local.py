@@ -64,7 +64,8 @@ class LocalBackend(Backend):
         asked = self.settings.EMBED_MAX_INPUT_TOKENS
         if asked and asked < limit:
             limit, source = asked, "EMBED_MAX_INPUT_TOKENS"
-        return Window(limit, counter, source, self.request_budget(None))
+        return Window(limit, counter, source, self.request_budget(None),
+                      "setting" if source == "EMBED_MAX_INPUT_TOKENS" else "model")
 
     def _load(self):
         """Load on first use: a rerun with nothing to embed never pays for torch."""

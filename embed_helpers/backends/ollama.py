@@ -17,12 +17,13 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import windows
 from ..config import Settings, mask_url
-from ..constants import OLLAMA_DEFAULT_CONTEXT, SPECIAL_TOKENS_MARGIN
+from ..constants import OLLAMA_DEFAULT_CONTEXT
 from ..errors import BackendError, BadInput, ModelNotFound, SomeInputsFailed
 from ..http import rows_to_array
 from ..identity import Identity
-from ..tokens import EstimatedTokens, Window
+from ..tokens import Window
 from .remote import RemoteBackend
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,11 @@ class OllamaBackend(RemoteBackend):
     @cached_property
     def window(self) -> Window:
         limit, source = self.context
-        return Window(max(limit - SPECIAL_TOKENS_MARGIN, 1), EstimatedTokens(), source,
-                      self.request_budget(None))
+        origin = "setting" if source == "EMBED_MAX_INPUT_TOKENS" else \
+            "server" if source.startswith("Ollama /api/show") else "assumed"
+        counter = windows.counter_for(self.settings, self.model)
+        return Window(max(limit - windows.specials(counter), 1), counter, source,
+                      self.request_budget(None), origin)
 
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
