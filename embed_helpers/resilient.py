@@ -46,6 +46,8 @@ class Failure:
     reason: str
     status: int | None = None
     id: str | None = None
+    limit: int | None = None      # the window the server stated when it refused the text
+
 
     def record(self) -> dict:
         """One line of the failures file (`runs/failures-<time>.jsonl`)."""
@@ -169,7 +171,7 @@ class _Resilient:
     def fail(self, offset: int, text: str, exc: BackendError, why: str = "") -> bool:
         reason = exc.server_message or str(exc)
         self.failures.append(Failure(offset, preview(text), f"{why}: {reason}" if why else reason,
-                                     exc.status))
+                                     exc.status, limit=getattr(exc, "limit", None)))
         return False
 
     def accept(self, offset: int, batch: list[str], vectors: np.ndarray,

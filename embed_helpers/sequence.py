@@ -14,7 +14,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -23,6 +23,7 @@ from .constants import CACHE_LEASE_POLL_S, WRITE_CHUNK_ROWS
 from .identity import Identity
 from .pieces import Assembly, Done, Pieces
 from .resilient import BatchSizer, Dimension, Failure, embed_resilient, preview
+from .windows import specials
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ class _Pass:
             seq, pieces, assembly, sink, tally
         self.cutter = BatchCutter(pieces, seq.backend.window, seq.sizer)
         self.later: list[str] = []   # texts another run holds a lease on
+        self.refused: list[tuple[str, Failure]] = []   # too long for the window a server stated
         self.brake = bool(seq.settings.EMBED_CACHE_ONLY)
 
     def fail_known(self) -> None:
@@ -188,6 +190,8 @@ class _Pass:
                         self.cutter.queue.clear()
                     elif self.later:
                         self.wait_for_others()
+                    elif self.refused:
+                        self.split_again()
                     else:
                         return
             finally:
@@ -245,7 +249,10 @@ class _Pass:
         if good and self.seq.cache is not None:
             self.seq.cache.put_many(self.seq.identity(), [texts[i] for i in good], vectors[good])
         for f in failures:
-            self.fail_text(texts[f.position], f)
+            if self.can_split_again(f):
+                self.refused.append((texts[f.position], f))
+            else:
+                self.fail_text(texts[f.position], f)
         self.tally.embedded += len(good)
         self.to_sink(self.assembly.deliver([texts[i] for i in good], vectors[good]))
 
@@ -266,6 +273,30 @@ class _Pass:
             self.sink.deliver(done)
             self.tally.sink_spans.append((t0, self.seq.now()))
 
+    def can_split_again(self, failure: Failure) -> bool:
+        """A text the server refused as longer than the window it states, smaller than the
+        one we cut by: with EMBED_LONG_TEXTS=chunk its rows are split again, never dropped."""
+        window = self.seq.backend.window
+        return bool(failure.limit) and self.seq.settings.EMBED_LONG_TEXTS == "chunk" \
+            and failure.limit - specials(window.counter) < window.max_tokens
+
+    def split_again(self) -> None:
+        """The rows of refused texts, cut to the window the server stated (which the backend
+        keeps for the rest of the run), run through the sequence as rows of their own."""
+        limit = min(f.limit for _t, f in self.refused)
+        window = replace(self.seq.backend.window, origin="server",
+                         max_tokens=max(limit - specials(self.seq.backend.window.counter), 1),
+                         source=f"the server's refusal: {self.refused[0][1].reason[:120]}")
+        log.warning("%d texts were refused as longer than the server's window of %d tokens: "
+                    "splitting them to fit (set EMBED_MAX_INPUT_TOKENS=%d to cut them so from "
+                    "the start)", len(self.refused), window.max_tokens, window.max_tokens)
+        rows = sorted({r for text, _f in self.refused for r in self.assembly.fail(text)})
+        self.refused = []
+        self.seq.backend.window = window
+        pieces = Pieces([self.pieces.ids[r] for r in rows], [self.pieces.row_texts[r] for r in rows],
+                        window, "chunk", self.seq.settings.EMBED_CHUNK_OVERLAP)
+        self.seq.run(pieces, _Renumbered(self.sink, rows), slots=1, tally=self.tally)
+
     def wait_for_others(self) -> None:
         """Texts another run is embedding now: its vectors will be in the cache shortly
         (a dead run's leases expire: `cache_pg`). Look them up again after a pause."""
@@ -276,3 +307,17 @@ class _Pass:
         time.sleep(CACHE_LEASE_POLL_S)
         self.seq.waiting = ""
         self.cutter.add(texts)
+
+
+class _Renumbered:
+    """A sink for rows run again as a block of their own: their positions put back."""
+
+    def __init__(self, sink: Sink, rows: list[int]):
+        self.sink, self.rows = sink, rows
+
+    def deliver(self, done: Done) -> None:
+        self.sink.deliver(Done([self.rows[r] for r in done.rows], done.vectors,
+                               [(self.rows[r], *rest) for r, *rest in done.chunks]))
+
+    def fail(self, rows: list[int], failure: Failure) -> None:
+        self.sink.fail([self.rows[r] for r in rows], failure)

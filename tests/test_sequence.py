@@ -199,3 +199,25 @@ def test_a_hung_server_is_tried_twice_not_max_retries_times(make_settings):
         assert server.total_requests() == 2
     assert "EMBEDDING_TIMEOUT=0.3s (after 2 attempts)" in str(info.value)
     assert "hung" in str(info.value)
+
+
+def test_a_text_refused_mid_run_as_too_long_is_split_to_the_stated_window(make_settings, conn,
+                                                                         table):
+    """EMBED_MAX_INPUT_TOKENS set too high: the server refuses the long rows with the limit in
+    its message (OpenAI's wording); they are cut to that window and sent again, never lost."""
+    df = rows(40)
+    with FakeEmbeddingServer(DIM, max_input_tokens=50) as server:
+        settings = make_settings(EMBEDDING_BACKEND="ollama", OLLAMA_HOST=server.url,
+                                 EMBED_BATCH_SIZE=8, EMBED_MAX_INPUT_TOKENS=4000)
+        with get_backend(settings) as backend, open_cache(settings) as cache:
+            plan = plan_ingest(df, Target(table, "id", "text"), settings=settings, conn=conn,
+                               backend=backend, cache=cache)
+            assert plan.pieces.long.over == 0  # nothing is long at 4,000 tokens
+            report = run_plan(plan, conn=conn, backend=backend, cache=cache, settings=settings,
+                              progress=False)
+            assert backend.window.origin == "server" and backend.window.max_tokens < 50
+    assert report.rows_failed == 0 and report.rows_written == 40
+    with conn.cursor() as cur:
+        cur.execute(f'SELECT id, count(*) FROM "{table}_chunks" GROUP BY id ORDER BY id')
+        assert [r[0] for r in cur.fetchall()] == ["r3", "r7"]
+    conn.rollback()
