@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from embed_helpers.backends import get_backend  # noqa: E402
-from embed_helpers.batching import batch_embed  # noqa: E402
+from embed_helpers.texts import batch_embed  # noqa: E402
 from embed_helpers.config import load_settings  # noqa: E402
 
 #: profile -> (backend, texts the per-text mode embeds)

@@ -36,7 +36,7 @@ def hexes(raw: np.ndarray) -> np.ndarray:
 
 def write_cache(path: Path, n: int, seed: int = 0) -> list[str]:
     """n synthetic entries; returns a sample of their keys for lookups."""
-    from embed_helpers.cache_format import encode_line
+    from embed_helpers.cache.format import encode_line
     line = encode_line("0" * 64, np.zeros(DIM, "f4"), route="ollama:/api/embed",
                        model="nomic-embed-text", normalized=True, text="",
                        ts="2026-01-01T00:00:00Z")
@@ -84,7 +84,7 @@ def memory_mb() -> tuple[float, float]:
 
 def child(path: str, keys_file: str) -> None:
     """In a fresh process: load, then look up; print one JSON line."""
-    from embed_helpers.cache import EmbeddingCache
+    from embed_helpers.cache.jsonl import EmbeddingCache
     before, _ = memory_mb()
     start = time.perf_counter()
     cache = EmbeddingCache(path, read_only=True)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from common import print_header, print_table, start_servers  # noqa: E402
 
 from embed_helpers.backends import get_backend  # noqa: E402
-from embed_helpers.batching import batch_embed  # noqa: E402
+from embed_helpers.texts import batch_embed  # noqa: E402
 from embed_helpers.config import load_settings  # noqa: E402
 from embed_helpers.embedder import Embedder  # noqa: E402
 

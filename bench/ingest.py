@@ -29,8 +29,8 @@ from fake_server import PROFILES
 
 from embed_helpers import db
 from embed_helpers.backends import get_backend
-from embed_helpers.cache import EmbeddingCache
-from embed_helpers.core import Target
+from embed_helpers.cache.jsonl import EmbeddingCache
+from embed_helpers.steps import Target
 from embed_helpers.identity import Identity
 from embed_helpers.workflow import ingest_per_row
 

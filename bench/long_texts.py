@@ -31,9 +31,9 @@ from model_server import MODEL_ID, ModelServer
 
 from embed_helpers import retrieval
 from embed_helpers.backends import get_backend
-from embed_helpers.cache_tools import open_cache
+from embed_helpers.cache.tools import open_cache
 from embed_helpers.constants import SAMPLE_DIR
-from embed_helpers.core import Target
+from embed_helpers.steps import Target
 from embed_helpers.data import load_input
 from embed_helpers.workflow import ingest
 

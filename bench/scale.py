@@ -7,8 +7,8 @@ of where the limit lies at 8, 32 and 128 GPUs, with this machine's write rates.
 Servers: the fake server's `ollama-gpu` profile (12 ms/request + 1.5 ms/text, one slot),
 32-dim vectors (small: the fakes' JSON encoding must not stand in for GPU time), each in a
 process of its own. Runs: EMBED_BATCH_SIZE=512, EMBED_MAX_CONCURRENCY=2; Ray with
-EMBED_WORKERS=K on K servers (`engine_ray.ingest_ray` on the CSV file, as `ingest --engine
-ray` does), the local engine (`workflow.ingest`) on one server. One local Ray is started
+EMBED_WORKERS=K on K servers, the local engine on one server, both through
+`workflow.ingest` on the CSV file, as `ingest` does. One local Ray is started
 here and reused by every run. Servers, database and state: see bench/common.py.
 """
 from __future__ import annotations
@@ -27,9 +27,10 @@ from common import (Workspace, busy_shares, busy_window, print_header, print_tab
 
 from embed_helpers import db, workflow
 from embed_helpers.backends import get_backend
-from embed_helpers.cache_pg import TABLE as CACHE_TABLE, PostgresCache
-from embed_helpers.cache_tools import open_cache
-from embed_helpers.core import Target
+from embed_helpers.cache.postgres import TABLE as CACHE_TABLE, PostgresCache
+from embed_helpers.cache.tools import open_cache
+from embed_helpers.csv_rows import read_csv_columns
+from embed_helpers.steps import Target
 from embed_helpers.identity import Identity
 
 DIM, BATCH, PER_SERVER = 32, 512, 2
@@ -46,16 +47,15 @@ def run_settings(ws: Workspace, servers, engine: str, workers: int | None = None
 
 
 def ingest_once(ws: Workspace, servers, engine: str, source, target: Target):
-    """One run; returns (report, seconds)."""
+    """One run through `workflow.ingest` (the plan, then the engine EMBED_ENGINE names, as
+    `ingest --engine ray` does); returns (report, seconds)."""
     settings = run_settings(ws, servers, engine, len(servers))
     start = time.perf_counter()
-    if engine == "ray":
-        from embed_helpers.engine_ray import ingest_ray
-        report = ingest_ray(source, target, settings=settings, progress=False)
-    else:
-        with get_backend(settings) as backend, open_cache(settings) as cache:
-            report = workflow.ingest(source, target, settings=settings, conn=ws.conn,
-                                     backend=backend, cache=cache, progress=False)
+    rows = read_csv_columns(source, "id", "text") if isinstance(source, (str, os.PathLike)) \
+        else source
+    with get_backend(settings) as backend, open_cache(settings) as cache:
+        report = workflow.ingest(rows, target, settings=settings, conn=ws.conn,
+                                 backend=backend, cache=cache, progress=False)
     return report, time.perf_counter() - start
 
 

@@ -46,7 +46,7 @@ def _load(args):
 
 
 def _target(args, id_col: str, text_col: str):
-    from .core import Target
+    from .steps import Target
     return Target(args.table or ("patient_embeddings" if id_col == "patient_id" else "embeddings"),
                   id_col, text_col)
 
@@ -55,7 +55,7 @@ def _prepare(args):
     """Steps 1-5 shared by `ingest` and `plan`: settings, data, database, backend, cache."""
     from . import db
     from .backends import get_backend
-    from .cache_tools import open_cache
+    from .cache.tools import open_cache
 
     settings = _settings(args)
     df, id_col, text_col = _load(args)
@@ -118,8 +118,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from . import cache_tools
-    from .cache import EmbeddingCache
+    from .cache import tools as cache_tools
+    from .cache.jsonl import EmbeddingCache
     from .config import load_settings, replace_settings
 
     settings = load_settings()
@@ -149,7 +149,7 @@ def cmd_cache(args) -> int:
               f"{args.file} into {store.describe()}")
     else:
         from .backends import get_backend
-        from .cache_doctor import doctor_report
+        from .cache.doctor import doctor_report
         with get_backend(settings) as backend:
             print(doctor_report(store, backend.identity(settings.EMBEDDING_DIM),
                                 texts=args.text or None))

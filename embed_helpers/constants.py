@@ -135,7 +135,7 @@ MEASURE_TOLERANCE = 1e-6
 #: the same estimate may hold a few more of the server's own tokens.
 MEASURED_ESTIMATE_MARGIN = 0.9
 
-# The JSONL cache (embed_helpers.cache, embed_helpers.cache_format)
+# The JSONL cache (embed_helpers.cache.jsonl, embed_helpers.cache.format)
 #: Bytes read per step when scanning the file: memory stays bounded whatever its size.
 SCAN_CHUNK_BYTES = 8 << 20
 #: get_many reads nearby lines in one call of at most this many bytes, joining a line to
@@ -147,19 +147,19 @@ DOCTOR_SAMPLE = 20
 #: Rows per statement when `cache import` / `cache export` move entries.
 CACHE_TRANSFER_ROWS = 5000
 
-# The Ray engine (embed_helpers.engine_ray, embed_helpers.worker)
+# The Ray engine (embed_helpers.ray_engine.driver, embed_helpers.ray_engine.worker)
 #: A block, the rows a worker takes at a time (one claim, one lookup and one transaction
 #: each), holds this many batches of EMBED_BATCH_SIZE: enough to keep a worker's requests
 #: in flight, few enough that a worker killed mid-block costs little to redo.
 RAY_BATCHES_PER_BLOCK = 4
 #: CPUs a worker of an HTTP backend asks Ray for: it mostly waits for its servers.
 RAY_HTTP_WORKER_CPUS = 0.25
-#: CPUs a file reader asks for (not the workers' share: see engine_ray._dataset).
+#: CPUs a file reader asks for (not the workers' share: see ray_engine/driver.py).
 RAY_READER_CPUS = 0.1
 #: The object store of a local Ray started for a run (blocks of text, not vectors, go there).
 RAY_OBJECT_STORE_BYTES = 200_000_000
 
-# The shared cache (embed_helpers.cache_pg)
+# The shared cache (embed_helpers.cache.postgres)
 #: How long to wait before looking again for texts another run is embedding right now.
 CACHE_LEASE_POLL_S = 0.25
 #: The longest a run holds the texts it is embedding (2 x EMBEDDING_TIMEOUT up to this):

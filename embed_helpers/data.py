@@ -35,7 +35,7 @@ def load_table(path: str | Path, id_col: str, text_col: str,
     """Step 3 for a plain CSV: read only the id and text columns, ids as strings.
 
     Rows come back as read: empty texts and repeated ids are the plan's business
-    (`core.prepare` lists and resolves them); an empty id becomes missing (None) so it
+    (`steps.prepare` lists and resolves them); an empty id becomes missing (None) so it
     is reported rather than stored as "".
 
     Returns:

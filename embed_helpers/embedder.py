@@ -24,11 +24,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .core import is_missing
 from .errors import EmbeddingFailures
 from .pieces import Pieces
 from .resilient import Failure, preview
 from .sequence import EmbedSequence, Tally, batch_size
+from .steps import is_missing
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Embedder:
 
     def __init__(self, settings=None, *, backend=None, cache=_DEFAULT):
         from .backends import get_backend
-        from .cache_tools import open_cache
+        from .cache.tools import open_cache
         from .config import load_settings
         self.settings = settings or (backend.settings if backend is not None else load_settings())
         self._own_backend, self._own_cache = backend is None, cache is _DEFAULT
@@ -183,8 +183,8 @@ class Embedder:
                     "mean_batch_size": round(gathered / batches, 2) if batches else 0.0}
 
     def doctor(self, texts: Sequence[str]) -> str:
-        """Why these texts miss the cache (`cache_doctor`), as for the other drivers."""
-        from .cache_doctor import doctor_report
+        """Why these texts miss the cache (`cache/doctor.py`), as for the other drivers."""
+        from .cache.doctor import doctor_report
         return doctor_report(self.cache, self.sequence.identity(), texts=list(texts))
 
     def close(self) -> None:

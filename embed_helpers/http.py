@@ -12,16 +12,15 @@ import random
 import re
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-import numpy as np
 import requests
 from requests.adapters import HTTPAdapter
 
 from .config import Settings, mask, mask_url
 from .constants import CONNECT_TIMEOUT_S, MAX_TIMEOUT_RETRIES
 from .errors import (AuthenticationError, BackendError, BackendUnreachable, BadInput,
-                     BatchTooLarge, EmbeddingValidationError, InputTooLong, ModelNotFound,
+                     BatchTooLarge, InputTooLong, ModelNotFound,
                      WrongRoute)
 from .retry import retry_delay, should_retry
 from .servers import ServerPool
@@ -65,26 +64,6 @@ def server_message(response: requests.Response) -> str:
         if body.get("message"):
             return str(body["message"])
     return str(body)[:300]
-
-
-def rows_to_array(rows: Sequence[Sequence[float]], expected: int, *, backend: str) -> np.ndarray:
-    """Decoded JSON vectors as a float32 (n, dim) array; wrong count or ragged rows raise.
-
-    >>> rows_to_array([[1, 2], [3, 4]], 2, backend="x").shape
-    (2, 2)
-    """
-    if len(rows) != expected:
-        raise EmbeddingValidationError(
-            f"{backend} returned {len(rows)} vectors for {expected} texts; the server or a "
-            f"proxy dropped some. Check the server's logs; nothing was written.")
-    lengths = [len(row) for row in rows]
-    if lengths and len(set(lengths)) > 1:
-        common = max(set(lengths), key=lengths.count)
-        odd = [i for i, length in enumerate(lengths) if length != common]
-        raise EmbeddingValidationError(
-            f"{backend} returned vectors of different lengths {sorted(set(lengths))} in one "
-            f"batch (positions {odd[:10]}); nothing was written.", positions=odd)
-    return np.asarray(rows, dtype=np.float32).reshape(expected, lengths[0] if lengths else 0)
 
 
 class HttpClient:

@@ -17,7 +17,7 @@ def cache_key(route: str, model: str, dim: int, normalized: bool, text: str) -> 
     """The sha256 hex key of one text under everything that changes its vector.
 
     The exact text is hashed: no case folding, no whitespace changes (they can change the
-    vector; `cache_doctor` explains such near misses instead). Fields are joined with
+    vector; `cache/doctor.py` explains such near misses instead). Fields are joined with
     U+001F, the ASCII unit separator. A text may contain it, but the text is the last
     field and route and model may not (ValueError), dim and the flag are digits, so two
     different field tuples can never join to the same string.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -204,6 +205,32 @@ class Assembly:
             for row in newly:
                 self._parts.pop(row, None)
             return newly
+
+
+class BatchCutter:
+    """Texts waiting to be sent, cut into batches when asked: at most the sizer's size (which
+    shrinks when a server says "too large") and the window's tokens per request."""
+
+    def __init__(self, pieces: Pieces, window: Window, sizer):  # a resilient.BatchSizer
+        self.pieces, self.window, self.sizer = pieces, window, sizer
+        self.queue: deque[str] = deque()
+
+    def add(self, texts) -> None:
+        self.queue.extend(texts)
+
+    def __bool__(self) -> bool:
+        return bool(self.queue)
+
+    def next(self) -> list[str]:
+        budget = self.window.request_tokens
+        batch, used, size = [], 0, self.sizer.size
+        while self.queue and len(batch) < size:
+            cost = self.pieces.token_counts([self.queue[0]], self.window)[0] if budget else 0
+            if batch and budget and used + cost > budget:
+                break
+            batch.append(self.queue.popleft())
+            used += cost
+        return batch
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Before paying for a GPU hour: count what a run would do, and what it would cost.
 
-`make_plan` runs the first steps of `core` over the whole input: rows already stored
+`make_plan` runs the first steps (`steps.py`) over the whole input: rows already stored
 unchanged, long texts and their chunks, cached texts, and the texts and requests left to
 pay for, with a time and cost estimate. The plan knows its target, so a notebook passes
 the table and its columns once.
@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from . import core
-from .core import Rows, Target
+from . import steps
 from .identity import Identity
 from .pieces import Pieces
 from .resilient import BatchSizer
 from .sequence import BatchCutter, batch_size
+from .steps import Rows, Target
 from .tokens import Window
 
 log = logging.getLogger(__name__)
@@ -115,11 +115,11 @@ def make_plan(rows: Rows, target: Target, *, conn, backend, cache, settings,
     """Count unchanged rows, long texts, cached texts and texts to embed; touch nothing."""
     window = backend.window
     policy = settings.EMBED_LONG_TEXTS
-    todo, unchanged, stored_ids = core.drop_unchanged(conn, target, rows, window, policy)
+    todo, unchanged, stored_ids = steps.drop_unchanged(conn, target, rows, window, policy)
     work = rows.take(todo)
     pieces = Pieces(work.ids, work.texts, window, policy, settings.EMBED_CHUNK_OVERLAP)
     identity = backend.identity(dim)
-    cached = core.in_cache(cache, identity, pieces.texts)
+    cached = steps.in_cache(cache, identity, pieces.texts)
     plan = Plan(target=target, rows=rows, todo=todo, rows_unchanged=unchanged,
                 stored_ids=stored_ids, pieces=pieces, identity=identity,
                 dim_source=dim_source, window=window,

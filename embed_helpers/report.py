@@ -1,8 +1,5 @@
-"""The run report: what a run read, skipped, embedded, wrote, and what it cost.
-
-Shown at the end of Step 9b and of the CLI, saved as JSON beside the executed
-notebook, so a user can see that the run saved time and money.
-"""
+"""The run report: what a run read, skipped, embedded, wrote, and what it cost (the bill).
+Shown at the end of Step 9b and of the CLI, saved as JSON in EMBED_RUNS_DIR."""
 from __future__ import annotations
 
 import json

@@ -21,7 +21,7 @@ import numpy as np
 
 from .constants import CACHE_LEASE_POLL_S, WRITE_CHUNK_ROWS
 from .identity import Identity
-from .pieces import Assembly, Done, Pieces
+from .pieces import Assembly, BatchCutter, Done, Pieces
 from .resilient import BatchSizer, Dimension, Failure, embed_resilient, preview
 from .windows import specials
 
@@ -62,32 +62,6 @@ class Tally:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.request_spans += other.request_spans
         self.sink_spans += other.sink_spans
-
-
-class BatchCutter:
-    """Texts waiting to be sent, cut into batches when asked: at most the sizer's size (which
-    shrinks when a server says "too large") and the window's tokens per request."""
-
-    def __init__(self, pieces: Pieces, window, sizer: BatchSizer):
-        self.pieces, self.window, self.sizer = pieces, window, sizer
-        self.queue: deque[str] = deque()
-
-    def add(self, texts) -> None:
-        self.queue.extend(texts)
-
-    def __bool__(self) -> bool:
-        return bool(self.queue)
-
-    def next(self) -> list[str]:
-        budget = self.window.request_tokens
-        batch, used, size = [], 0, self.sizer.size
-        while self.queue and len(batch) < size:
-            cost = self.pieces.token_counts([self.queue[0]], self.window)[0] if budget else 0
-            if batch and budget and used + cost > budget:
-                break
-            batch.append(self.queue.popleft())
-            used += cost
-        return batch
 
 
 class EmbedSequence:
@@ -299,7 +273,7 @@ class _Pass:
 
     def wait_for_others(self) -> None:
         """Texts another run is embedding now: its vectors will be in the cache shortly
-        (a dead run's leases expire: `cache_pg`). Look them up again after a pause."""
+        (a dead run's leases expire: `cache/leases.py`). Look them up again after a pause."""
         texts, self.later = self.later, []
         self.seq.waiting = f"waiting for {len(texts)} texts another run is embedding"
         log.warning("%s (their leases are held in the shared cache)", self.seq.waiting)

@@ -9,18 +9,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import core, db, retrieval, windows
+from . import steps, db, retrieval, windows
 from .backends import Backend
-from .cache_tools import open_cache
+from .cache.tools import open_cache
 from .config import Settings
 from .constants import project_path
-from .core import Target
 from .errors import ConfigError, DataError
 from .pieces import Pieces, mean_vector
 from .plan import Plan, make_plan
 from .report import RunReport
 from .resilient import Dimension
 from .sequence import EmbedSequence
+from .steps import Target
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -84,7 +84,7 @@ def discover_dimension(settings: Settings, backend: Backend, conn=None, table: s
     is written, so a wrong EMBEDDING_DIM stops the run at its first batch with a message
     saying what to set. (The CLI skips the probe: it learns from its first batch.)
     """
-    dim, _source = core.known_dimension(settings, backend.identity(), conn=conn, table=table,
+    dim, _source = steps.known_dimension(settings, backend.identity(), conn=conn, table=table,
                                         cache=cache)
     if dim:
         return dim
@@ -94,7 +94,7 @@ def discover_dimension(settings: Settings, backend: Backend, conn=None, table: s
     return int(backend.embed_batch([PROBE_TEXT]).shape[1])
 
 
-def rows_of(df, target: Target) -> core.Rows:
+def rows_of(df, target: Target) -> steps.Rows:
     """The id and text columns of `df` (a DataFrame or a dict of columns), prepared."""
     columns = [str(c) for c in (df.columns if hasattr(df, "columns") else df)]
     missing = [c for c in (target.id_col, target.text_col) if c not in columns]
@@ -102,7 +102,7 @@ def rows_of(df, target: Target) -> core.Rows:
         raise DataError(f"Column(s) {', '.join(map(repr, missing))} not in the input. "
                         f"Columns that exist: {', '.join(columns)}. "
                         "Set ID_COL / TEXT_COL (or --id-col / --text-col).")
-    return core.prepare(list(df[target.id_col]), list(df[target.text_col]), id_col=target.id_col)
+    return steps.prepare(list(df[target.id_col]), list(df[target.text_col]), id_col=target.id_col)
 
 
 def plan_ingest(df, target: Target, *, settings: Settings, conn, backend: Backend, cache,
@@ -112,7 +112,7 @@ def plan_ingest(df, target: Target, *, settings: Settings, conn, backend: Backen
     paid twice) to estimate time and cost."""
     source = "Step 6" if dim else ""
     if not dim:
-        dim, source = core.known_dimension(settings, backend.identity(), conn=conn,
+        dim, source = steps.known_dimension(settings, backend.identity(), conn=conn,
                                            table=target.table, cache=cache)
     rows = rows_of(df, target)
     warning = windows.settle(backend, cache, rows.texts)  # the window, before any Pieces
@@ -157,10 +157,10 @@ def run_plan(plan: Plan, *, conn, backend: Backend, cache, settings: Settings,
                                                plan.rows.ids))
     plan.runs += 1
     if settings.EMBED_ENGINE == "ray":
-        from .engine_ray import run_plan_ray
+        from .ray_engine.driver import run_plan_ray
         return run_plan_ray(plan, settings=settings, backend=backend, cache=cache,
                             progress=progress)
-    from .pipeline import run_local
+    from .local_engine import run_local
     return run_local(plan, conn=conn, backend=backend, cache=cache, settings=settings,
                      progress=progress)
 

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from fake_server import expected_vector
 
-from embed_helpers import batching, http, resilient
+from embed_helpers import http, resilient
+from embed_helpers import texts as texts_module
+from embed_helpers.backends import remote
 from embed_helpers.backends.base import Backend
-from embed_helpers.batching import batch_embed, chunked
-from embed_helpers.cache import EmbeddingCache
-from embed_helpers.cache_store import CacheStore, MemoryStore
+from embed_helpers.texts import batch_embed, chunked
+from embed_helpers.cache.jsonl import EmbeddingCache
+from embed_helpers.cache.store import CacheStore, MemoryStore
 from embed_helpers.config import load_settings
 from embed_helpers.errors import (BackendError, BackendUnreachable, BadInput, BatchTooLarge,
                                   EmbeddingFailures, EmbeddingValidationError)
@@ -69,7 +71,7 @@ def want(texts):
 
 
 def test_doctests():
-    for module in (batching, http, resilient):
+    for module in (texts_module, http, remote, resilient):
         assert doctest.testmod(module).failed == 0
 
 
@@ -187,7 +189,7 @@ def test_a_learned_dimension_binds_the_later_batches():
 
 def test_rows_to_array_names_ragged_positions():
     with pytest.raises(EmbeddingValidationError) as info:
-        http.rows_to_array([[1.0, 2.0], [1.0], [3.0, 4.0]], 3, backend="x")
+        remote.rows_to_array([[1.0, 2.0], [1.0], [3.0, 4.0]], 3, backend="x")
     assert info.value.positions == [1]
 
 

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 import embed_helpers
-from embed_helpers.cache import CacheStats, EmbeddingCache
-from embed_helpers.cache_tools import compact
+from embed_helpers.cache.jsonl import CacheStats, EmbeddingCache
+from embed_helpers.cache.tools import compact
 from embed_helpers.constants import PROJECT_ROOT
 from embed_helpers.identity import Identity, cache_key
 
@@ -35,7 +35,7 @@ IMPORT_ROOT = str(Path(embed_helpers.__file__).parent.parent)
 WRITER = """
 import hashlib, sys
 import numpy as np
-from embed_helpers.cache import EmbeddingCache
+from embed_helpers.cache.jsonl import EmbeddingCache
 from embed_helpers.identity import Identity
 path, prefix, start, stop, batch, dim = sys.argv[1:3] + [int(a) for a in sys.argv[3:7]]
 def vec(t):
@@ -125,7 +125,7 @@ def test_put_skips_bad_vectors_and_refuses_a_length_mismatch(tmp_path, caplog):
         cache.put_many(ID, ["a"], [vec("a"), vec("b")])
     bad = [np.full(DIM, np.nan, "f4"), vec("w", DIM + 1), np.array([1, np.inf] * (DIM // 2)),
            vec("m").reshape(2, DIM // 2)]
-    with caplog.at_level(logging.WARNING, logger="embed_helpers.cache"):
+    with caplog.at_level(logging.WARNING, logger="embed_helpers.cache.jsonl"):
         assert cache.put_many(ID, ["nan", "wrong dim", "inf", "2-D"], bad) == 0
     assert caplog.text.count("not caching a bad vector") == 4
     assert len(cache) == 0 and cache.path.read_bytes() == b""

@@ -8,9 +8,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from embed_helpers import cache_doctor as doctor
-from embed_helpers.cache import EmbeddingCache
-from embed_helpers.cache_tools import cache_stats, format_stats, open_cache
+from embed_helpers.cache import doctor as doctor
+from embed_helpers.cache.jsonl import EmbeddingCache
+from embed_helpers.cache.tools import cache_stats, format_stats, open_cache
 from embed_helpers.identity import Identity
 
 ROUTE, MODEL, DIM = "ollama:/api/embed", "nomic-embed-text", 8

@@ -18,10 +18,10 @@ import pytest
 from psycopg2.extensions import parse_dsn
 
 import embed_helpers
-from embed_helpers import cache_doctor as doctor
-from embed_helpers.cache import EmbeddingCache
-from embed_helpers.cache_pg import TABLE, PostgresCache
-from embed_helpers.cache_tools import (export_entries, format_stats, import_entries,
+from embed_helpers.cache import doctor as doctor
+from embed_helpers.cache.jsonl import EmbeddingCache
+from embed_helpers.cache.postgres import TABLE, PostgresCache
+from embed_helpers.cache.tools import (export_entries, format_stats, import_entries,
                                        open_cache, summary)
 from embed_helpers.identity import Identity
 
@@ -32,7 +32,7 @@ IMPORT_ROOT = str(Path(embed_helpers.__file__).parent.parent)
 WRITER = """
 import hashlib, sys
 import numpy as np
-from embed_helpers.cache_pg import PostgresCache
+from embed_helpers.cache.postgres import PostgresCache
 from embed_helpers.config import load_settings
 from embed_helpers.identity import Identity
 dsn, prefix, (start, stop, batch) = sys.argv[1], sys.argv[2], map(int, sys.argv[3:6])

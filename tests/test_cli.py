@@ -13,7 +13,7 @@ import pytest
 from fake_server import FakeEmbeddingServer, LatencyModel
 
 from embed_helpers import db
-from embed_helpers.cache import EmbeddingCache
+from embed_helpers.cache.jsonl import EmbeddingCache
 from embed_helpers.constants import NOTEBOOK_PATH, PROJECT_ROOT
 
 

@@ -9,9 +9,9 @@ from fake_server import FakeEmbeddingServer
 
 from embed_helpers import db
 from embed_helpers.backends import get_backend
-from embed_helpers.batching import batch_embed
-from embed_helpers.cache import EmbeddingCache
-from embed_helpers.core import Target
+from embed_helpers.texts import batch_embed
+from embed_helpers.cache.jsonl import EmbeddingCache
+from embed_helpers.steps import Target
 from embed_helpers.workflow import ingest
 
 DIM = 24

@@ -168,7 +168,7 @@ def test_load_table_reads_ids_as_strings_and_rows_as_they_are(tmp_path):
     path.write_text("id,extra,text\n007,x,first\nNA,y,second\n9,z,\n007,w,again\n ,v,no id\n")
     df = load_table(path, "id", "text")
     assert list(df.columns) == ["id", "text"]
-    # leading zeros kept, "NA" is an id; empty texts and repeats are left to core.prepare
+    # leading zeros kept, "NA" is an id; empty texts and repeats are left to steps.prepare
     assert list(df["id"][:4]) == ["007", "NA", "9", "007"] and pd.isna(df["id"][4])
     assert list(df["text"]) == ["first", "second", "", "again", "no id"]
     assert list(load_table(path, "id", "text", limit=2)["id"]) == ["007", "NA"]

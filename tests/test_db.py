@@ -8,7 +8,7 @@ import pytest
 
 from embed_helpers import db, retrieval
 from embed_helpers.constants import INDEX_AUTO_MIN_ROWS
-from embed_helpers.core import text_md5
+from embed_helpers.steps import text_md5
 from embed_helpers.errors import DataError
 
 LONG = "First part of a long text. Second part of it. Third and last part."

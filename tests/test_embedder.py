@@ -11,8 +11,8 @@ import pytest
 from fake_server import PROFILES, FakeEmbeddingServer, expected_vector
 
 from embed_helpers.backends import get_backend
-from embed_helpers.batching import batch_embed
-from embed_helpers.cache_store import MemoryStore
+from embed_helpers.texts import batch_embed
+from embed_helpers.cache.store import MemoryStore
 from embed_helpers.embedder import Embedder
 from embed_helpers.errors import EmbeddingFailures
 

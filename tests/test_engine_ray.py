@@ -18,11 +18,11 @@ from fake_server import FakeEmbeddingServer, LatencyModel, expected_vector
 
 from embed_helpers import db
 from embed_helpers.backends import get_backend
-from embed_helpers.cache_tools import open_cache
+from embed_helpers.cache.tools import open_cache
 from embed_helpers.constants import PROJECT_ROOT, RAY_BATCHES_PER_BLOCK
-from embed_helpers.core import Target
+from embed_helpers.steps import Target
 from embed_helpers.errors import DatabaseError
-from embed_helpers.batching import batch_embed
+from embed_helpers.texts import batch_embed
 from embed_helpers.config import replace_settings
 from embed_helpers.workflow import ingest
 

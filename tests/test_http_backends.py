@@ -18,7 +18,7 @@ from http_helpers import DIM, ROUTE, Sleeps, closed_port_url, expected, make_bac
 from embed_helpers.backends import get_backend
 from embed_helpers.backends.llm_api import OpenAIBackend
 from embed_helpers.backends.ollama import OllamaBackend
-from embed_helpers.batching import abatch_embed, batch_embed
+from embed_helpers.texts import abatch_embed, batch_embed
 from embed_helpers.errors import (AuthenticationError, BackendError, BackendUnreachable,
                                   EmbeddingFailures, EmbeddingValidationError, ModelNotFound)
 

@@ -6,7 +6,7 @@ import pytest
 from fake_server import FakeEmbeddingServer, count_tokens, expected_vector
 from http_helpers import DIM, expected, make_backend, sent_inputs
 
-from embed_helpers.batching import batch_embed
+from embed_helpers.texts import batch_embed
 from embed_helpers.pieces import mean_vector
 
 # 60 texts of about 52 tokens each (the server's count): about 3,100 tokens in all.

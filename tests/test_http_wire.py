@@ -7,7 +7,7 @@ import pytest
 from fake_server import EMBED, LEGACY, FakeEmbeddingServer
 from http_helpers import DIM, expected, make_backend
 
-from embed_helpers.batching import batch_embed
+from embed_helpers.texts import batch_embed
 from embed_helpers.constants import (OLLAMA_DEFAULT_CONTEXT, OPENAI_MAX_INPUT_TOKENS,
                                      OPENAI_MAX_REQUEST_TOKENS, SPECIAL_TOKENS_MARGIN)
 

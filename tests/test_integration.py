@@ -11,7 +11,7 @@ import pytest
 from embed_helpers import db, retrieval
 from embed_helpers.backends import get_backend
 from embed_helpers.constants import PROJECT_ROOT, SAMPLE_DIR
-from embed_helpers.core import Target
+from embed_helpers.steps import Target
 from embed_helpers.workflow import ingest, open_cache, semantic_search
 
 SHARED_SYNTHEA = PROJECT_ROOT.parent / "shared" / "data" / "synthea"

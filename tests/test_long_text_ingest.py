@@ -11,7 +11,7 @@ from fake_server import expected_vector
 
 from embed_helpers import db, retrieval
 from embed_helpers.backends import get_backend
-from embed_helpers.core import Target
+from embed_helpers.steps import Target
 from embed_helpers.pieces import mean_vector
 from embed_helpers.workflow import ingest, ingest_per_row, open_cache, parity_check
 

@@ -11,7 +11,7 @@ from fake_server import expected_vector
 
 from embed_helpers import db
 from embed_helpers.backends import get_backend
-from embed_helpers.core import Target
+from embed_helpers.steps import Target
 from embed_helpers.workflow import ingest, open_cache, plan_ingest
 
 DIM = 32

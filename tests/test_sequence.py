@@ -16,11 +16,11 @@ from fake_server import FakeEmbeddingServer, LatencyModel, expected_vector
 
 from embed_helpers import db
 from embed_helpers.backends import get_backend
-from embed_helpers.batching import batch_embed
-from embed_helpers.cache import EmbeddingCache
-from embed_helpers.cache_tools import open_cache
+from embed_helpers.texts import batch_embed
+from embed_helpers.cache.jsonl import EmbeddingCache
+from embed_helpers.cache.tools import open_cache
 from embed_helpers.constants import PROJECT_ROOT
-from embed_helpers.core import Target
+from embed_helpers.steps import Target
 from embed_helpers.errors import BackendError, WrongRoute
 from embed_helpers.workflow import plan_ingest, run_plan
 
@@ -134,8 +134,8 @@ def test_a_plan_run_again_after_a_run_that_died_writes_every_row(make_settings, 
 WRITER = """
 import sys
 from embed_helpers.backends import get_backend
-from embed_helpers.batching import batch_embed
-from embed_helpers.cache_tools import open_cache
+from embed_helpers.texts import batch_embed
+from embed_helpers.cache.tools import open_cache
 from embed_helpers.config import load_settings
 settings = load_settings()
 with get_backend(settings) as backend, open_cache(settings) as cache:

@@ -10,8 +10,8 @@ from http_helpers import DIM, ROUTE, Sleeps, closed_port_url, expected, make_bac
 
 from embed_helpers import servers
 from embed_helpers.backends import get_backend
-from embed_helpers.batching import batch_embed
-from embed_helpers.cache import EmbeddingCache
+from embed_helpers.texts import batch_embed
+from embed_helpers.cache.jsonl import EmbeddingCache
 from embed_helpers.constants import SERVER_MAX_FAILURES, SERVER_SET_ASIDE_MAX_S, SERVER_SET_ASIDE_S
 from embed_helpers.errors import BackendUnreachable
 from embed_helpers.servers import ServerPool

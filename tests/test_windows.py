@@ -15,12 +15,12 @@ from http_helpers import make_backend
 
 from embed_helpers import db, windows
 from embed_helpers.backends import get_backend
-from embed_helpers.cache import EmbeddingCache
+from embed_helpers.cache.jsonl import EmbeddingCache
 from embed_helpers.config import load_settings
 from embed_helpers.backends.local import bundled_model_path
 from embed_helpers.constants import PROJECT_ROOT, SAMPLE_DIR, SPECIAL_TOKENS_MARGIN
 from embed_helpers.csv_rows import read_csv_columns
-from embed_helpers.core import Target
+from embed_helpers.steps import Target
 from embed_helpers.errors import InputTooLong, ModelMismatch
 from embed_helpers.pieces import Pieces
 from embed_helpers.tokens import TokenizerCount, Window

@@ -1,7 +1,7 @@
 """The one interface every backend implements: `embed_batch(texts) -> vectors`.
 
 Slicing into batches, cache lookups, deduplication, bisection of bad inputs and
-validation live once, above the backends (`embed_helpers.core`). A backend states what
+validation live once, above the backends (`embed_helpers.steps`). A backend states what
 makes its vectors (`identity`), how much text its model reads (`window`), and how many
 requests it can take at once (`slots`).
 """

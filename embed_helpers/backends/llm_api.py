@@ -13,9 +13,8 @@ from ..config import Settings
 from ..constants import (OPENAI_COMPATIBLE_DEFAULT_INPUT_TOKENS, OPENAI_MAX_INPUT_TOKENS,
                          OPENAI_MAX_REQUEST_TOKENS, OPENAI_PRICES_PER_1M_TOKENS)
 from ..errors import BackendError, ConfigError, EmbeddingValidationError
-from ..http import rows_to_array
 from ..tokens import Window
-from .remote import RemoteBackend
+from .remote import RemoteBackend, rows_to_array
 
 log = logging.getLogger(__name__)
 

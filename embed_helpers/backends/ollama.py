@@ -21,10 +21,9 @@ from .. import windows
 from ..config import Settings, mask_url
 from ..constants import OLLAMA_DEFAULT_CONTEXT
 from ..errors import BackendError, BadInput, ModelNotFound, SomeInputsFailed
-from ..http import rows_to_array
 from ..identity import Identity
 from ..tokens import Window
-from .remote import RemoteBackend
+from .remote import RemoteBackend, rows_to_array
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Sequence
+
+import numpy as np
 
 from ..config import Settings, urls
+from ..errors import EmbeddingValidationError
 from ..http import HttpClient
 from .base import Backend
 
@@ -35,3 +38,23 @@ class RemoteBackend(Backend):
 
     def close(self) -> None:
         self.http.close()
+
+
+def rows_to_array(rows: Sequence[Sequence[float]], expected: int, *, backend: str) -> np.ndarray:
+    """Decoded JSON vectors as a float32 (n, dim) array; wrong count or ragged rows raise.
+
+    >>> rows_to_array([[1, 2], [3, 4]], 2, backend="x").shape
+    (2, 2)
+    """
+    if len(rows) != expected:
+        raise EmbeddingValidationError(
+            f"{backend} returned {len(rows)} vectors for {expected} texts; the server or a "
+            f"proxy dropped some. Check the server's logs; nothing was written.")
+    lengths = [len(row) for row in rows]
+    if lengths and len(set(lengths)) > 1:
+        common = max(set(lengths), key=lengths.count)
+        odd = [i for i, length in enumerate(lengths) if length != common]
+        raise EmbeddingValidationError(
+            f"{backend} returned vectors of different lengths {sorted(set(lengths))} in one "
+            f"batch (positions {odd[:10]}); nothing was written.", positions=odd)
+    return np.asarray(rows, dtype=np.float32).reshape(expected, lengths[0] if lengths else 0)

@@ -73,7 +73,7 @@ class TableFacts:
 
     def _facts_table(self) -> None:
         if not self._facts_ready:
-            from .db_guard import create_racing
+            from ..db_guard import create_racing
             create_racing(self.conn, FACTS_SCHEMA)  # another machine may create it at once
             self._facts_ready = True
 

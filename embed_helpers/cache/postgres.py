@@ -17,12 +17,12 @@ from typing import Sequence
 import numpy as np
 import psycopg2
 
-from .cache_format import text_sha256, variant_sha256
-from .constants import CACHE_LEASE_MAX_S
-from .config import Settings, mask_url
-from .db_guard import create_racing, guarded
+from ..config import Settings, mask_url
+from ..constants import CACHE_LEASE_MAX_S
+from ..db_guard import create_racing, guarded
+from ..identity import Identity
 from .facts import TableFacts
-from .identity import Identity
+from .format import text_sha256, variant_sha256
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class PostgresCache(TableFacts):
     kind = "postgres"
 
     def __init__(self, settings: Settings):
-        from . import db
+        from .. import db
         where = cache_settings(settings)
         self.where = mask_url(where.DATABASE_URL) if where.DATABASE_URL else "the embedded server"
         self.conn = db.connect(where)
@@ -223,7 +223,7 @@ class PostgresCache(TableFacts):
 
     @property
     def stats(self):
-        from .cache import CacheStats
+        from .jsonl import CacheStats
         return CacheStats(-1, self.hits, self.misses, self.written, 0)
 
     def close(self) -> None:

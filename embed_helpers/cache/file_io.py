@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .cache_format import meta_at, vector_at
-from .constants import SCAN_CHUNK_BYTES
+from ..constants import SCAN_CHUNK_BYTES
+from .format import meta_at, vector_at
 
 
 def raw_chunks(fd: int, start: int, end: int) -> Iterator[tuple[int, bytes, int]]:

@@ -1,7 +1,7 @@
 """Tools around the cache stores: open the configured one, summarise, compact, move entries.
 
 `open_cache` is the one place that picks a store (EMBED_CACHE_BACKEND): the JSONL file of
-`cache`, or the table of `cache_pg`. `export_entries` / `import_entries` move entries between
+`jsonl`, or the table of `postgres`. `export_entries` / `import_entries` move entries between
 them through a JSONL file, e.g. to seed a team's database from a laptop.
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ from dataclasses import replace
 from collections import Counter
 from pathlib import Path
 
-from .cache import EmbeddingCache
-from .cache_format import digest, digest_at, vector_at
-from .cache_io import lock_current, raw_lines, scan_records
-from .config import Settings, relative
-from .constants import CACHE_TRANSFER_ROWS, project_path
+from ..config import Settings, relative
+from ..constants import CACHE_TRANSFER_ROWS, project_path
+from .file_io import lock_current, raw_lines, scan_records
+from .format import digest, digest_at, vector_at
+from .jsonl import EmbeddingCache
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ STORES = {
 
 
 def _postgres(settings: Settings):
-    from .cache_pg import PostgresCache
+    from .postgres import PostgresCache
     return PostgresCache(settings)
 
 

@@ -11,8 +11,8 @@ from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from .cache_format import text_sha256, variant_sha256
-from .identity import Identity
+from ..identity import Identity
+from .format import text_sha256, variant_sha256
 
 #: The fields of an exported entry besides its key and vector (`entries`, `put_entries`).
 ENTRY_FIELDS = ("route", "model", "dim", "normalized", "text_sha256", "variant_sha256", "ts")
@@ -113,7 +113,7 @@ class MemoryStore:
 
     @property
     def stats(self):
-        from .cache import CacheStats
+        from .jsonl import CacheStats
         return CacheStats(len(self.data), 0, 0, len(self.data), 0)
 
     def close(self) -> None:

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache_tools import for_engine
-from .config import Settings
-from .constants import RAY_BATCHES_PER_BLOCK, RAY_HTTP_WORKER_CPUS, RAY_OBJECT_STORE_BYTES
-from .errors import ConfigError, EmbedHelpersError
-from .plan import Plan
-from .report import RunReport, start_report
-from .resilient import Failure
+from ..cache.tools import for_engine
+from ..config import Settings
+from ..constants import RAY_BATCHES_PER_BLOCK, RAY_HTTP_WORKER_CPUS, RAY_OBJECT_STORE_BYTES
+from ..errors import ConfigError, EmbedHelpersError
+from ..plan import Plan
+from ..report import RunReport, start_report
+from ..resilient import Failure
 from .worker import BlockWorker
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def _start(ray, settings: Settings) -> float:
     if not ray.is_initialized():
         if settings.RAY_ADDRESS:
             ray.init(address=settings.RAY_ADDRESS, log_to_driver=False,
-                     runtime_env={"py_modules": [str(Path(__file__).parent)]})
+                     runtime_env={"py_modules": [str(Path(__file__).parent.parent)]})
         else:
             ray.init(include_dashboard=False, object_store_memory=RAY_OBJECT_STORE_BYTES,
                      log_to_driver=False, configure_logging=False)

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .cache_format import digest, text_sha256, variant_sha256
-from .cache_io import scan_records
-from .config import relative
-from .constants import DOCTOR_SAMPLE, PREVIEW_CHARS, PROJECT_ROOT
-from .identity import Identity
+from ..config import relative
+from ..constants import DOCTOR_SAMPLE, PREVIEW_CHARS, PROJECT_ROOT
+from ..identity import Identity
+from .file_io import scan_records
+from .format import digest, text_sha256, variant_sha256
 
 HIT = "hit"
 OTHER_SETTINGS = "other_settings"
@@ -261,7 +261,7 @@ def doctor_report(store, identity: Identity, texts: Sequence[str] | None = None,
                   search_roots: Iterable[Path] | None = None) -> str:
     """`cache doctor`: the store, its entries per settings against yours, and, given texts,
     a verdict per text (`diagnose`)."""
-    from .cache_tools import format_stats, summary
+    from .tools import format_stats, summary
     stats = summary(store)
     lines = format_stats(stats).splitlines()
     if texts:  # the diagnosis names the store itself; keep the entries per settings

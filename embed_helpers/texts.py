@@ -16,12 +16,12 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import core, windows
-from .core import is_missing
+from . import steps, windows
 from .errors import EmbeddingFailures
 from .pieces import Pieces
 from .resilient import Dimension, Failure, preview
 from .sequence import EmbedSequence
+from .steps import is_missing
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _embed_texts(texts: list[str], backend, settings, cache) -> EmbedResult:
     windows.settle(backend, cache, [texts[i] for i in keep])  # the window, before any Pieces
     pieces = Pieces([str(i) for i in keep], [texts[i] for i in keep], backend.window,
                     settings.EMBED_LONG_TEXTS, settings.EMBED_CHUNK_OVERLAP)
-    dim, source = core.known_dimension(settings, backend.identity(), cache=cache)
+    dim, source = steps.known_dimension(settings, backend.identity(), cache=cache)
     sequence = EmbedSequence(backend, cache, settings,
                              dimension=Dimension(dim, source or "EMBEDDING_DIM"))
     requests_before = backend.stats().get("requests", 0)

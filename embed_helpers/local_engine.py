@@ -14,7 +14,7 @@ import logging
 
 from tqdm import tqdm
 
-from . import core, db
+from . import steps, db
 from .constants import PREVIEW_CHARS
 from .plan import Plan
 from .report import RunReport, start_report
@@ -42,7 +42,7 @@ class TableSink:
                             done.vectors.shape[1])
             self.table_ready = True
         assume_new = not any(pieces.ids[r] in self.plan.stored_ids for r in done.rows)
-        core.write(self.conn, target, pieces, done, upsert=self.settings.UPSERT,
+        steps.write(self.conn, target, pieces, done, upsert=self.settings.UPSERT,
                    assume_new=assume_new)
         self.report.rows_written += len(done.rows)
         self.report.chunks_written += len(done.chunks)

@@ -2,9 +2,8 @@
 
 The index maps 32-byte key digests to byte offsets, never to vectors: vectors are read
 from the file on a hit. Writers append one batch per `os.write` under an exclusive
-`fcntl.flock`; readers take the shared lock only to learn how far the file is complete.
-The format is in `cache_format`; the PostgreSQL store, with the same methods, in `cache_pg`.
-"""
+`fcntl.flock`; readers take the shared lock only to learn how far the file is complete
+(the format: `format`; the PostgreSQL store, with the same methods: `postgres`)."""
 from __future__ import annotations
 
 import contextlib
@@ -19,12 +18,12 @@ from typing import Sequence
 
 import numpy as np
 
-from .cache_format import digest, encode_line, index_chunk, vector_at
-from .cache_io import flocked, lock_current, raw_chunks, scan_records
-from .config import relative
-from .constants import READ_GAP_BYTES, READ_SPAN_BYTES, project_path
+from ..config import relative
+from ..constants import READ_GAP_BYTES, READ_SPAN_BYTES, project_path
+from ..identity import Identity
 from .facts import FileFacts
-from .identity import Identity
+from .file_io import flocked, lock_current, raw_chunks, scan_records
+from .format import digest, encode_line, index_chunk, vector_at
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +161,7 @@ class EmbeddingCache(FileFacts):
         return set(texts)
 
     def dims(self, route: str, model: str, normalized: bool) -> list[int]:
-        """Dimensions cached for this route, model and normalisation (to learn a table's
-        dimension without a request)."""
+        """Dimensions cached for this route, model and normalisation (no request needed)."""
         with self._lock:
             self._refresh()
             return sorted({d for r, m, d, n in self._settings
@@ -219,8 +217,7 @@ class EmbeddingCache(FileFacts):
                                      identity.normalized)})
 
     def put_entries(self, entries: Sequence[dict]) -> int:
-        """Append entries as another store holds them (`cache import`): key, settings,
-        hashes, ts and vector; returns how many were new."""
+        """Append exported entries as they are (`cache import`); returns how many are new."""
         lines = {bytes.fromhex(e["key"]): encode_line(
             e["key"], e["vector"], route=e["route"], model=e["model"], normalized=e["normalized"],
             ts=e["ts"], hashes=(e["text_sha256"], e["variant_sha256"])) for e in entries}

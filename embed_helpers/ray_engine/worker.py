@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import time
 
-from . import core, db, windows
-from .pieces import Done, Pieces
-from .resilient import Dimension, Failure
-from .sequence import EmbedSequence, Tally
+from .. import steps, db, windows
+from ..pieces import Done, Pieces
+from ..resilient import Dimension, Failure
+from ..sequence import EmbedSequence, Tally
 
 
 class BlockSink:
@@ -35,12 +35,12 @@ class BlockSink:
 class BlockWorker:
     """A Ray Data actor: `map_batches(BlockWorker, fn_constructor_kwargs=...)`."""
 
-    def __init__(self, settings, target: core.Target, dim: int | None, dim_source: str,
+    def __init__(self, settings, target: steps.Target, dim: int | None, dim_source: str,
                  concurrency: int, numbers):
         import ray
 
-        from .backends import get_backend
-        from .cache_tools import open_cache
+        from ..backends import get_backend
+        from ..cache.tools import open_cache
         self.settings, self.target = settings, target
         index = ray.get(numbers.next.remote())
         self.name = f"worker-{index}"
@@ -68,7 +68,7 @@ class BlockWorker:
                             self.target.text_col, done.vectors.shape[1])
             self.table_ready = True
         new = {str(i) for i, is_new in zip(batch["id"], batch["new"]) if is_new}
-        written = core.write(self.conn, self.target, pieces, done, upsert=self.settings.UPSERT,
+        written = steps.write(self.conn, self.target, pieces, done, upsert=self.settings.UPSERT,
                              assume_new=all(pieces.ids[r] in new for r in done.rows))
         return self._summary(tally, written, len(done.chunks), sink.failures, before,
                              time.perf_counter() - t0)
