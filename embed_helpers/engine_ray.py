@@ -27,6 +27,7 @@ from .config import Settings
 from .constants import (RAY_BATCHES_PER_BLOCK, RAY_HTTP_WORKER_CPUS, RAY_OBJECT_STORE_BYTES,
                         RAY_READER_CPUS)
 from .errors import ConfigError, EmbedHelpersError
+from .readers import check_input, check_limit, input_files, iter_file_columns
 from .report import RunReport, write_failures
 from .worker import BlockWorker
 
@@ -38,6 +39,10 @@ def ingest_ray(source, target: core.Target, *, settings: Settings, progress: boo
     """Ingest `source` (a CSV or Parquet file or folder, a DataFrame, or a dict of the id and
     text columns) into `target` on Ray; returns the run report."""
     ray = _ray()
+    if isinstance(source, (str, Path)):  # a file that cannot be read exactly stops here,
+        check_input(source, target.id_col, target.text_col, limit,  # before Ray or a request
+                    settings.EMBED_INPUT_ENCODING)
+    check_limit(limit)
     settings = for_engine(replace(settings, EMBED_ENGINE="ray"))  # the workers' settings
     started, ours = time.perf_counter(), not ray.is_initialized()
     startup = _start(ray, settings)
@@ -67,7 +72,7 @@ def _run(ray, source, target: core.Target, settings: Settings, progress: bool,
     workers, resources = _workers(ray, settings, servers)
     block = RAY_BATCHES_PER_BLOCK * settings.EMBED_BATCH_SIZE
     numbers = ray.remote(num_cpus=0)(_Numbers).remote()  # worker i starts at server i
-    dataset = _dataset(ray, source, target, limit, block).map_batches(
+    dataset = _dataset(ray, source, target, limit, block, settings.EMBED_INPUT_ENCODING).map_batches(
         BlockWorker, fn_constructor_kwargs=dict(settings=settings, target=target, run=run,
                                                 dim=dim, dim_source=source_of_dim,
                                                 concurrency=max(1, settings.EMBED_MAX_CONCURRENCY
@@ -145,18 +150,18 @@ class _Numbers:
         return self.count
 
 
-def _dataset(ray, source, target: core.Target, limit: int | None, block: int):
+def _dataset(ray, source, target: core.Target, limit: int | None, block: int, encoding: str):
     """Rows as (id, text, seq) in blocks of `block` rows, one per worker task: seq is the
     position in the input (files in name order), so duplicate ids resolve to the last one
     whichever block holds it."""
     if isinstance(source, (str, Path)):
-        files = _files(Path(source))
+        files = input_files(Path(source))
         ds = ray.data.from_items([{"path": str(p), "file": i} for i, p in enumerate(files)])
         # Its own CPU share, unlike the workers', so that Ray does not fuse reading into the
         # workers: a single file would then be read, and embedded, by one worker alone.
         ds = ds.map_batches(_read_files, batch_size=1, num_cpus=RAY_READER_CPUS,
                             fn_kwargs={"id_col": target.id_col, "text_col": target.text_col,
-                                       "block": block})
+                                       "block": block, "encoding": encoding})
     else:
         import pandas as pd
         ids, texts = list(source[target.id_col]), list(source[target.text_col])
@@ -169,32 +174,13 @@ def _dataset(ray, source, target: core.Target, limit: int | None, block: int):
     return ds.repartition(target_num_rows_per_block=block)
 
 
-def _files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".csv", ".parquet"))
-    if not path.is_dir() or not files:
-        from .errors import DataError
-        raise DataError(f"{path}: expected a CSV or Parquet file, or a folder of them")
-    return files
-
-
-def _read_files(batch: dict, id_col: str, text_col: str, block: int):
+def _read_files(batch: dict, id_col: str, text_col: str, block: int, encoding: str):
     """Stream one file in blocks of `block` rows (a generator: never whole in memory)."""
     for path, number in zip(batch["path"], batch["file"]):
         base = int(number) << 40
-        if str(path).lower().endswith(".parquet"):
-            import pyarrow.parquet as pq
-            first = 0
-            for chunk in pq.ParquetFile(path).iter_batches(block, columns=[id_col, text_col]):
-                ids = [None if v is None else str(v) for v in chunk.column(id_col).to_pylist()]
-                yield {"id": ids, "text": chunk.column(text_col).to_pylist(),
-                       "seq": base + first + np.arange(len(ids))}
-                first += len(ids)
-        else:
-            from .csv_rows import iter_csv_columns
-            for ids, texts, first in iter_csv_columns(path, id_col, text_col, block):
-                yield {"id": ids, "text": texts, "seq": base + first + np.arange(len(ids))}
+        for ids, texts, first in iter_file_columns(path, id_col, text_col, block,
+                                                   encoding=encoding):
+            yield {"id": ids, "text": texts, "seq": base + first + np.arange(len(ids))}
 
 
 def _collect(dataset, report: RunReport, progress: bool) -> list[dict]:
