@@ -52,6 +52,9 @@ def input_files(path: Path) -> list[Path]:
     """The file itself, or the folder's CSV and Parquet files in name order."""
     if path.is_file():
         return [path]
+    if not path.exists():
+        raise DataError(f"{path} not found: DATA_PATH (--data) must be a CSV or Parquet file, "
+                        "or a folder of them (relative paths are from the project root)")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES) \
         if path.is_dir() else []
     if not files:

@@ -116,6 +116,8 @@ def test_parquet_and_folders_are_read_by_the_one_reader(tmp_path):
     df, _, _ = load_input(folder, "id", "text")
     assert list(df["id"]) == expected["id"]
     assert readers.check_input(folder, "id", "text") == 4
+    with pytest.raises(DataError, match="absent.csv not found"):
+        readers.read_columns(tmp_path / "absent.csv", "id", "text")
 
 
 def test_the_ray_engines_read_tasks_use_the_same_strict_reader(tmp_path):
