@@ -68,8 +68,8 @@ class Plan:
         rows = [
             ("rows read", self.rows.rows_read),
             ("rows with empty text (skipped)", len(self.rows.empty_ids)),
-            ("duplicate ids (last wins)", f"{self.rows.duplicate_ids}: "
-             f"{', '.join(self.rows.repeated)}" if self.rows.duplicate_ids else 0),
+            ("duplicate ids (last wins)", self.rows.duplicate_ids),
+            *([("ids repeated", ", ".join(self.rows.repeated))] if self.rows.repeated else []),
             ("rows already stored unchanged", self.rows_unchanged),
             ("rows to write", len(self.todo)),
             *self.pieces.long.as_rows(),

@@ -195,7 +195,9 @@ def test_cli_plan_names_duplicate_ids(fake_server, tmp_path, table):
     done = cli("plan", "--data", str(data), "--id-col", "id", "--text-col", "text", "--table",
                table, "--no-probe", env=cli_env(fake_server, tmp_path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "duplicate ids (last wins)" in done.stdout and "1: 7 (2 rows)" in done.stdout
+    figures = dict(line.split("  ", 1) for line in done.stdout.splitlines() if "  " in line)
+    assert figures["duplicate ids (last wins)"].strip() == "1"
+    assert figures["ids repeated"].strip() == "7 (2 rows)"
 
 
 def test_help_is_specific(tmp_path):
