@@ -279,3 +279,12 @@ def test_a_missing_schema_is_named_before_any_request(fake_server, tmp_path):
     assert done.returncode == 1, done.stderr
     assert "schema 'nosuchschema' does not exist" in done.stderr and "CREATE SCHEMA" in done.stderr
     assert fake_server.total_requests() == 0
+
+
+def test_cli_ray_engine_refuses_a_ragged_file_with_its_line(fake_server, tmp_path, conn, table):
+    pytest.importorskip("ray", reason="Ray Data is not installed (requirements-ray.txt)")
+    data = write(tmp_path / "ragged.csv", RAGGED["shifted id"][0])
+    done = ingest(cli_env(fake_server, tmp_path), tmp_path, data, table, "--engine", "ray")
+    assert done.returncode == 1 and "ragged.csv, line 3:" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and fake_server.total_requests() == 0
+    assert db.table_dimension(conn, table) is None
