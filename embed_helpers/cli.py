@@ -20,7 +20,8 @@ EXIT_ERROR, EXIT_ROWS_FAILED, EXIT_INTERRUPTED = 1, 3, 130
 #: CLI flags that override a setting for one run.
 FLAG_SETTINGS = {"backend": "EMBEDDING_BACKEND", "batch_size": "EMBED_BATCH_SIZE",
                  "concurrency": "EMBED_MAX_CONCURRENCY", "engine": "EMBED_ENGINE",
-                 "ray_address": "RAY_ADDRESS", "workers": "EMBED_WORKERS"}
+                 "ray_address": "RAY_ADDRESS", "workers": "EMBED_WORKERS",
+                 "encoding": "EMBED_INPUT_ENCODING"}
 
 
 def _settings(args):
@@ -34,21 +35,22 @@ def _data_path(args) -> Path:
     return Path(args.data).resolve() if Path(args.data).exists() else project_path(args.data)
 
 
-def _load(args):
-    """Steps 3-5: a plain CSV through the csv module (no pandas to import), else Synthea."""
+def _load(args, settings):
+    """Steps 3-5: CSV or Parquet files through `readers` (no pandas to import), else Synthea."""
     path = _data_path(args)
-    if path.is_file() and args.id_col and args.text_col:
-        from .csv_rows import read_csv_columns
-        return read_csv_columns(path, args.id_col, args.text_col, args.limit), args.id_col, \
-            args.text_col
+    encoding = settings.EMBED_INPUT_ENCODING
+    if args.id_col and args.text_col and not (path / "patients.csv").is_file():
+        from .readers import read_columns
+        return read_columns(path, args.id_col, args.text_col, args.limit, encoding), \
+            args.id_col, args.text_col
     from .data import load_input
-    return load_input(path, args.id_col, args.text_col, args.limit)
+    return load_input(path, args.id_col, args.text_col, args.limit, encoding)
 
 
 def _target(args, id_col: str, text_col: str):
     from .steps import Target
-    return Target(args.table or ("patient_embeddings" if id_col == "patient_id" else "embeddings"),
-                  id_col, text_col)
+    default = "patient_embeddings" if id_col == "patient_id" else "embeddings"
+    return Target(default if args.table is None else args.table, id_col, text_col)
 
 
 def _prepare(args):
@@ -58,7 +60,7 @@ def _prepare(args):
     from .cache.tools import open_cache
 
     settings = _settings(args)
-    df, id_col, text_col = _load(args)
+    df, id_col, text_col = _load(args, settings)
     target = _target(args, id_col, text_col)
     conn = db.connect(settings)
     backend = get_backend(settings)
@@ -152,17 +154,19 @@ def cmd_cache(args) -> int:
         from .cache.doctor import doctor_report
         with get_backend(settings) as backend:
             print(doctor_report(store, backend.identity(settings.EMBEDDING_DIM),
-                                texts=args.text or None))
+                                texts=getattr(args, "text", None) or None))
     return 0
 
 
 def _add_run_flags(p, name: str) -> None:
     p.add_argument("--data", default="data/sample/synthea",
-                   help="Synthea folder, or CSV (or, with --engine ray, Parquet) file or folder")
+                   help="Synthea folder, or a CSV or Parquet file, or a folder of them")
     p.add_argument("--id-col", help="id column of a CSV")
     p.add_argument("--text-col", help="text column of a CSV")
     p.add_argument("--table", help="target table (default patient_embeddings / embeddings)")
-    p.add_argument("--limit", type=int, help="only the first N rows")
+    p.add_argument("--limit", type=int, help="only the first N rows (N >= 1)")
+    p.add_argument("--encoding", help="EMBED_INPUT_ENCODING: the CSV files' text encoding "
+                                      "(default utf-8; e.g. cp1252)")
     p.add_argument("--backend", help="EMBEDDING_BACKEND for this run")
     p.add_argument("--batch-size", help="EMBED_BATCH_SIZE for this run")
     p.add_argument("--concurrency", help="EMBED_MAX_CONCURRENCY for this run")
@@ -176,6 +180,16 @@ def _add_run_flags(p, name: str) -> None:
     else:
         p.add_argument("--no-probe", action="store_true",
                        help="no timing request (estimate only with EMBED_EXPECTED_TEXTS_PER_S)")
+
+
+#: `cache` actions and what each does (its own --help).
+CACHE_ACTIONS = {
+    "stats": "entries, size and settings of the cache",
+    "doctor": "why texts miss the cache: the model, dimension or settings that differ",
+    "compact": "rewrite the JSONL cache without duplicate keys and torn lines",
+    "export": "write the cache's entries to a JSONL file (--to FILE.jsonl)",
+    "import": "add the entries of a JSONL file to the configured cache",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,12 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="notebook parameter, repeatable (e.g. --param EMBED_BATCH_SIZE=128)")
     p.add_argument("--out", help="executed notebook path (default runs/run-<UTC time>.ipynb)")
     p = sub.add_parser("cache", help="inspect, repair or move the embedding cache")
-    p.set_defaults(func=cmd_cache)
-    p.add_argument("action", choices=("stats", "doctor", "compact", "export", "import"))
-    p.add_argument("file", nargs="?", help="import: the JSONL file to read")
-    p.add_argument("--to", dest="export_to", help="export: the JSONL file to write")
-    p.add_argument("--path", help="a JSONL cache file instead of the configured store")
-    p.add_argument("--text", action="append", help="doctor: explain why this text misses")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in CACHE_ACTIONS.items():
+        a = actions.add_parser(action, help=text, description=text)
+        a.set_defaults(func=cmd_cache)
+        a.add_argument("--path", help="a JSONL cache file instead of the configured store")
+        if action == "import":
+            a.add_argument("file", help="the JSONL file to read (a `cache export`)")
+        elif action == "export":
+            a.add_argument("--to", dest="file", required=True, metavar="FILE.jsonl",
+                           help="the JSONL file to write")
+        elif action == "doctor":
+            a.add_argument("--text", action="append",
+                           help="explain why this text misses (repeatable)")
     return parser
 
 
@@ -207,10 +228,6 @@ def main(argv=None, started: float | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "cache" and args.action in ("export", "import"):
-        args.file = args.export_to if args.action == "export" else args.file
-        if not args.file:
-            parser.error(f"cache {args.action} needs a file: "
-                         + ("--to FILE.jsonl" if args.action == "export" else "FILE.jsonl"))
         args.file = str(Path(args.file).resolve())  # a shell user means from where they stand
     args.started = started or time.perf_counter()
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]

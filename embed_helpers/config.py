@@ -109,6 +109,16 @@ def _text(value: Any) -> str:
     return text
 
 
+def _codec(value: Any) -> str:
+    """A text encoding Python knows (utf-8, cp1252, latin-1...), by its canonical name."""
+    import codecs
+    try:
+        return codecs.lookup(_text(value)).name
+    except LookupError:
+        raise ValueError(f"expected a text encoding such as utf-8, cp1252 or latin-1, got "
+                         f"{value!r}") from None
+
+
 def _path(value: Any) -> Path:
     return project_path(value)
 
@@ -155,6 +165,7 @@ class Settings:
     UPSERT: bool = True
     EMBED_INDEX: str = "auto"
     EMBED_RUNS_DIR: Path = DEFAULT_RUNS_DIR
+    EMBED_INPUT_ENCODING: str = "utf-8"
     EMBED_WORKERS: int | None = None
     RAY_ADDRESS: str | None = None
     EMBED_EXPECTED_TEXTS_PER_S: float | None = None
@@ -204,6 +215,7 @@ SPEC: dict[str, tuple[Callable[[Any], Any], str]] = {
     "UPSERT": (_bool, "update rows whose id exists (ON CONFLICT DO UPDATE); off = keep them"),
     "EMBED_INDEX": (_choice("auto", "always", "never"), "HNSW index after the load: auto (from 20,000 rows), always, never"),
     "EMBED_RUNS_DIR": (_path, "where failure lists and reports go; relative paths are from the project root"),
+    "EMBED_INPUT_ENCODING": (_codec, "text encoding of input CSV files (a UTF-8 BOM is always dropped); e.g. cp1252 for Excel's plain CSV"),
     "EMBED_WORKERS": (_optional(_int(1)), "Ray workers; unset = one per GPU (local) or per server"),
     "RAY_ADDRESS": (_optional(_text), "Ray cluster to join (ray://host:10001 or host:6379); unset = a local Ray"),
     "EMBED_EXPECTED_TEXTS_PER_S": (_optional(_float(0.001)), "throughput for the plan's estimate; unset = probe"),

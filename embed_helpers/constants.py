@@ -165,3 +165,15 @@ CACHE_LEASE_POLL_S = 0.25
 #: The longest a run holds the texts it is embedding (2 x EMBEDDING_TIMEOUT up to this):
 #: the most another run waits for the texts of a run that died holding them.
 CACHE_LEASE_MAX_S = 60.0
+
+# Input files (embed_helpers.csv_rows, embed_helpers.readers)
+#: Rows per block when a file is read in blocks (the Ray engine's read tasks, the checks).
+READ_BLOCK_ROWS = 10_000
+#: How many file lines (bad rows, empty ids) or duplicate ids an input error lists.
+INPUT_ERRORS_SHOWN = 10
+
+# Table names (embed_helpers.table_names)
+#: PostgreSQL keeps the first 63 bytes of a name (NAMEDATALEN - 1) and drops the rest.
+MAX_NAME_BYTES = 63
+#: The longest name made from a table's: its chunks table's index.
+LONGEST_DERIVED_SUFFIX = "_chunks_embedding_hnsw"

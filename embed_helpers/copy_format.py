@@ -16,6 +16,7 @@ import psycopg2
 from psycopg2 import sql
 
 from .constants import COPY_BUFFER_BYTES
+from .table_names import table_ident
 
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _ROWS_FIELDS, _CHUNK_FIELDS = struct.pack(">h", 3), struct.pack(">h", 5)
@@ -64,7 +65,7 @@ def chunks_payload(chunks: Sequence[tuple[str, int, int, int, np.ndarray]]) -> b
 
 def copy_rows(conn, cur, table: str, columns: list[str], payload: bytes) -> None:
     statement = sql.SQL("COPY {t} ({cols}) FROM STDIN WITH (FORMAT binary)").format(
-        t=sql.Identifier(table), cols=sql.SQL(", ").join(map(sql.Identifier, columns)))
+        t=table_ident(table), cols=sql.SQL(", ").join(map(sql.Identifier, columns)))
     cur.copy_expert(statement.as_string(conn), io.BytesIO(payload), size=COPY_BUFFER_BYTES)
 
 

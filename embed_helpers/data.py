@@ -13,14 +13,12 @@ import pandas as pd
 
 from .constants import project_path
 from .errors import DataError
+from .readers import check_limit as _check_limit
 from .synthea import (CONTEXT_ID, CONTEXT_TEXT, _first_patients, _missing,  # noqa: F401
                       build_contexts, clean_synthea, load_synthea, reference_date)
 
 logger = logging.getLogger(__name__)
 
-def _check_limit(limit: int | None) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise DataError(f"limit must be a positive integer or None (no limit), got {limit!r}")
 
 
 def _header(path: Path) -> list[str]:
@@ -30,31 +28,39 @@ def _header(path: Path) -> list[str]:
         raise DataError(f"cannot read {path} as a CSV file with a header row: {exc}") from exc
 
 
-def load_table(path: str | Path, id_col: str, text_col: str,
-               limit: int | None = None) -> pd.DataFrame:
-    """Step 3 for a plain CSV: read only the id and text columns, ids as strings.
+def load_table(path: str | Path, id_col: str, text_col: str, limit: int | None = None,
+               encoding: str | None = None) -> pd.DataFrame:
+    """Step 3 for a CSV or Parquet file or a folder of them: read only the id and text
+    columns, ids as strings (`readers.read_columns`, the reader of both engines).
 
     Rows come back as read: empty texts and repeated ids are the plan's business
-    (`steps.prepare` lists and resolves them); an empty id becomes missing (None) so it
-    is reported rather than stored as "".
+    (`steps.prepare` lists and resolves them); a row that cannot be read exactly (fields
+    shifted by an unquoted comma, an empty id) stops the load with its file line.
+
+    `encoding`: the files' text encoding; None = EMBED_INPUT_ENCODING (environment, .env).
 
     Returns:
         DataFrame with columns [id_col, text_col], first `limit` rows when given.
     """
     _check_limit(limit)
+    if encoding is None:  # the notebook's path: its settings come from the same place
+        from .config import load_settings
+        encoding = load_settings().EMBED_INPUT_ENCODING
     p = project_path(path)
-    if not p.is_file():
+    if not p.exists():
         raise _missing(p, "CSV file")
-    from .csv_rows import read_csv_columns  # the one CSV reader: strict about quotes
-    df = pd.DataFrame(read_csv_columns(p, id_col, text_col, limit), columns=[id_col, text_col],
-                      dtype=object)
+    from .readers import read_columns
+    df = pd.DataFrame(read_columns(p, id_col, text_col, limit, encoding),
+                      columns=[id_col, text_col], dtype=object)
     logger.info("loaded %d rows from %s", len(df), p)
     return df
 
 
 def load_input(path: str | Path, id_col: str | None = None, text_col: str | None = None,
-               limit: int | None = None) -> tuple[pd.DataFrame, str, str]:
-    """Steps 3-5 for DATA_PATH: a Synthea folder gives patient contexts, a CSV file its rows.
+               limit: int | None = None,
+               encoding: str | None = None) -> tuple[pd.DataFrame, str, str]:
+    """Steps 3-5 for DATA_PATH: a Synthea folder gives patient contexts; a CSV or Parquet
+    file, or a folder of them, its rows.
 
     `limit` keeps the first N patients (Synthea, patients.csv order) or the first N rows.
 
@@ -63,10 +69,7 @@ def load_input(path: str | Path, id_col: str | None = None, text_col: str | None
     """
     _check_limit(limit)
     p = project_path(path)
-    if p.is_dir():
-        if not (p / "patients.csv").is_file():
-            raise DataError(f"{p} is a folder without patients.csv; DATA_PATH must be a Synthea "
-                            "CSV folder or a CSV file")
+    if is_synthea(p):
         if id_col not in (None, "", CONTEXT_ID) or text_col not in (None, "", CONTEXT_TEXT):
             logger.warning("ID_COL/TEXT_COL (%s, %s) ignored for a Synthea folder: its "
                            "columns are %s, %s", id_col, text_col, CONTEXT_ID, CONTEXT_TEXT)
@@ -80,6 +83,12 @@ def load_input(path: str | Path, id_col: str | None = None, text_col: str | None
     if not p.exists():
         raise _missing(p, "DATA_PATH")
     if not id_col or not text_col:
-        raise DataError(f"{p.name} is a CSV file: set ID_COL and TEXT_COL to two of its "
-                        f"columns: {', '.join(_header(p))}")
-    return load_table(p, id_col, text_col, limit), id_col, text_col
+        columns = f": {', '.join(_header(p))}" if p.is_file() and p.suffix != ".parquet" else ""
+        raise DataError(f"{p.name} is not a Synthea folder (no patients.csv): set ID_COL and "
+                        f"TEXT_COL (--id-col, --text-col) to two of its columns{columns}")
+    return load_table(p, id_col, text_col, limit, encoding), id_col, text_col
+
+
+def is_synthea(path: Path) -> bool:
+    """A Synthea CSV export folder (patients.csv and the rest), not a folder of plain files."""
+    return path.is_dir() and (path / "patients.csv").is_file()

@@ -22,6 +22,7 @@ from .constants import LOOKUP_CHUNK_IDS
 from .copy_format import chunks_payload, copy_new_rows, copy_rows, rows_payload
 from .db_guard import EXTERNAL, check_once, create_racing, guarded
 from .errors import DatabaseError, DataError
+from .table_names import check_schema, regclass_text, table_ident
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,11 @@ def table_dimension(conn, table: str) -> int | None:
     """The dimension of `table.embedding`, or None when the table does not exist."""
     with conn.cursor() as cur:
         cur.execute("SELECT a.atttypmod FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) "
-                    "AND a.attname = 'embedding' AND NOT a.attisdropped", (table,))
+                    "AND a.attname = 'embedding' AND NOT a.attisdropped", (regclass_text(table),))
         row = cur.fetchone()
     conn.rollback()
+    if row is None:
+        check_schema(conn, table)  # s1.docs: s1 must exist (we do not create schemas)
     return row[0] if row and row[0] > 0 else None
 
 
@@ -102,7 +105,7 @@ def create_table(conn, table: str, id_col: str, text_col: str, dim: int) -> None
     """CREATE TABLE IF NOT EXISTS, and refuse a table made for another dimension."""
     _create(conn, table, dim, sql.SQL("CREATE TABLE IF NOT EXISTS {t} ({id} text PRIMARY KEY, "
                                       "{text} text NOT NULL, embedding vector({dim}))").format(
-        t=sql.Identifier(table), id=sql.Identifier(id_col), text=sql.Identifier(text_col),
+        t=table_ident(table), id=sql.Identifier(id_col), text=sql.Identifier(text_col),
         dim=sql.Literal(dim)))
 
 
@@ -112,7 +115,7 @@ def create_chunks_table(conn, table: str, id_col: str, dim: int) -> None:
     _create(conn, table, dim, sql.SQL(
         "CREATE TABLE IF NOT EXISTS {t} ({id} text NOT NULL, chunk int NOT NULL, "
         "char_start int NOT NULL, char_end int NOT NULL, embedding vector({dim}) NOT NULL, "
-        "PRIMARY KEY ({id}, chunk))").format(t=sql.Identifier(table), id=sql.Identifier(id_col),
+        "PRIMARY KEY ({id}, chunk))").format(t=table_ident(table), id=sql.Identifier(id_col),
                                             dim=sql.Literal(dim)))
 
 
@@ -149,8 +152,8 @@ def stored_state(conn, table: str, id_col: str, text_col: str, chunks_table: str
     """
     if table_dimension(conn, table) is None:
         return {}
-    names = dict(t=sql.Identifier(table), id=sql.Identifier(id_col), text=sql.Identifier(text_col),
-                 c=sql.Identifier(chunks_table))
+    names = dict(t=table_ident(table), id=sql.Identifier(id_col), text=sql.Identifier(text_col),
+                 c=table_ident(chunks_table))
     has_chunks = sql.SQL("EXISTS (SELECT 1 FROM {c} WHERE {c}.{id} = {t}.{id})").format(**names) \
         if table_dimension(conn, chunks_table) else sql.SQL("false")
     query = sql.SQL("SELECT {id}, md5({text}), {has} FROM {t} WHERE {id} = ANY(%s) "
@@ -198,7 +201,7 @@ def write_rows(conn, table: str, id_col: str, text_col: str, ids: Sequence[str],
 def _insert(conn, cur, table: str, id_col: str, text_col: str, ids, texts, vectors, *,
             upsert: bool, method: str, assume_new: bool) -> set[str] | None:
     """The rows' INSERT; returns the ids written when not all were (UPSERT off), else None."""
-    names = dict(t=sql.Identifier(table), id=sql.Identifier(id_col), text=sql.Identifier(text_col))
+    names = dict(t=table_ident(table), id=sql.Identifier(id_col), text=sql.Identifier(text_col))
     tail = _conflict(upsert, id_col, text_col) + \
         (sql.SQL("") if upsert else sql.SQL(" RETURNING {id}").format(**names))
     if method == "execute_values":
@@ -224,7 +227,7 @@ def _replace_chunks(conn, cur, table: str, id_col: str, ids: Sequence[str],
     """Delete the stored chunks of `ids` and copy in the new ones (same transaction). The
     row table's row locks, taken first, keep two writers of one id from interleaving."""
     cur.execute(sql.SQL("DELETE FROM {t} WHERE {id} = ANY(%s)").format(
-        t=sql.Identifier(table), id=sql.Identifier(id_col)), (list(ids),))
+        t=table_ident(table), id=sql.Identifier(id_col)), (list(ids),))
     if chunks:
         copy_rows(conn, cur, table, [id_col, "chunk", "char_start", "char_end", "embedding"],
               chunks_payload(chunks))
@@ -249,7 +252,7 @@ def insert_one(conn, table: str, id_col: str, text_col: str, row_id: str, text: 
         create_chunks_table(conn, chunks_table, id_col, len(vector))
     with conn.cursor() as cur:
         cur.execute(sql.SQL("INSERT INTO {t} ({id}, {text}, embedding) VALUES (%s, %s, %s) ")
-                    .format(t=sql.Identifier(table), id=sql.Identifier(id_col),
+                    .format(t=table_ident(table), id=sql.Identifier(id_col),
                             text=sql.Identifier(text_col)) + _conflict(True, id_col, text_col),
                     (row_id, text, np.asarray(vector, dtype=np.float32)))
         if replace_chunks:
@@ -267,13 +270,13 @@ def count_rows(conn, table: str, ids: Iterable[str] | None = None, id_col: str =
     with conn.cursor() as cur:
         cur.execute(sql.SQL("SELECT count(*), count(embedding), "
                             "array_agg(DISTINCT vector_dims(embedding)) FROM {t}").format(
-            t=sql.Identifier(table)) + where.format(id=id_col), params)
+            t=table_ident(table)) + where.format(id=id_col), params)
         rows, with_vector, dims = cur.fetchone()
-        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{table}_chunks",))
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (regclass_text(f"{table}_chunks"),))
         chunks = 0
         if cur.fetchone()[0]:
             cur.execute(sql.SQL("SELECT count(*) FROM {t}").format(
-                t=sql.Identifier(f"{table}_chunks")) + where.format(id=id_col), params)
+                t=table_ident(f"{table}_chunks")) + where.format(id=id_col), params)
             chunks = cur.fetchone()[0]
     conn.rollback()
     return {"rows": rows, "with_vector": with_vector, "dims": sorted(d for d in dims or [] if d),
@@ -285,7 +288,7 @@ def fetch_vectors(conn, table: str, id_col: str, ids: Iterable[str]) -> dict[str
     """Stored vectors by id (for parity checks)."""
     with conn.cursor() as cur:
         cur.execute(sql.SQL("SELECT {id}, embedding FROM {t} WHERE {id} = ANY(%s)").format(
-            id=sql.Identifier(id_col), t=sql.Identifier(table)), (list(ids),))
+            id=sql.Identifier(id_col), t=table_ident(table)), (list(ids),))
         rows = {r[0]: np.asarray(r[1].to_numpy(), dtype=np.float32) for r in cur.fetchall()}
     conn.rollback()
     return rows
@@ -296,5 +299,5 @@ def drop_table(conn, table: str) -> None:
     """DROP TABLE IF EXISTS, with its chunks table (the notebook's RESET_TABLE)."""
     with conn.cursor() as cur:
         for name in (f"{table}_chunks", table):
-            cur.execute(sql.SQL("DROP TABLE IF EXISTS {t}").format(t=sql.Identifier(name)))
+            cur.execute(sql.SQL("DROP TABLE IF EXISTS {t}").format(t=table_ident(name)))
     conn.commit()

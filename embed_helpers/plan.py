@@ -83,6 +83,7 @@ class Plan:
             ("rows read", self.rows.rows_read),
             ("rows with empty text (skipped)", len(self.rows.empty_ids)),
             ("duplicate ids (last wins)", self.rows.duplicate_ids),
+            *([("ids repeated", ", ".join(self.rows.repeated))] if self.rows.repeated else []),
             ("rows already stored unchanged", self.rows_unchanged),
             ("rows to write", len(self.todo)),
             *self.pieces.long.as_rows(),

@@ -14,6 +14,7 @@ from .constants import (HNSW_MAX_VECTOR_DIM, INDEX_AUTO_MIN_ROWS, INDEX_MAINTENA
                         SEARCH_OVERFETCH)
 from .db import table_dimension
 from .db_guard import guarded
+from .table_names import regclass_text, table_ident, unqualified
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def create_hnsw_index(conn, table: str, dim: int) -> bool:
         if table_dimension(conn, name) is None:
             continue
         with conn.cursor() as cur:
-            cur.execute("SELECT to_regclass(%s)", (index,))  # this schema's, not any schema's
+            cur.execute("SELECT to_regclass(%s)", (regclass_text(index),))  # in the table's schema
             if cur.fetchone()[0] is not None:
                 conn.rollback()
                 continue
@@ -51,7 +52,7 @@ def create_hnsw_index(conn, table: str, dim: int) -> bool:
             cur.execute(sql.SQL("SET LOCAL maintenance_work_mem = {m}").format(
                 m=sql.Literal(INDEX_MAINTENANCE_WORK_MEM)))
             cur.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {n} ON {t} USING hnsw ({e} {ops})")
-                        .format(n=sql.Identifier(index), t=sql.Identifier(name),
+                        .format(n=unqualified(index), t=table_ident(name),
                                 e=_vector_expr(dim), ops=sql.SQL(ops)))
         conn.commit()
         built = built or name == table
@@ -64,7 +65,7 @@ def index_decision(conn, table: str, policy: str) -> tuple[bool, str]:
     if policy not in INDEX_POLICIES:
         raise ValueError(f"EMBED_INDEX must be one of {', '.join(INDEX_POLICIES)}, got {policy!r}")
     with conn.cursor() as cur:
-        cur.execute(sql.SQL("SELECT count(*) FROM {t}").format(t=sql.Identifier(table)))
+        cur.execute(sql.SQL("SELECT count(*) FROM {t}").format(t=table_ident(table)))
         rows = cur.fetchone()[0]
     conn.rollback()
     if policy == "always":
@@ -98,7 +99,7 @@ def search_spans(conn, table: str, id_col: str, text_col: str, query_vector: np.
     dim = len(query_vector)
     chunks = f"{table}_chunks"
     names = dict(id=sql.Identifier(id_col), text=sql.Identifier(text_col),
-                 t=sql.Identifier(table), c=sql.Identifier(chunks), e=_vector_expr(dim),
+                 t=table_ident(table), c=table_ident(chunks), e=_vector_expr(dim),
                  q=_query_cast(dim), n=sql.Literal(k * SEARCH_OVERFETCH), k=sql.Literal(k))
     if table_dimension(conn, chunks) is None:
         query = sql.SQL("SELECT {id}, 1 - ({e} <=> {q}), left({text}, 400), NULL, NULL FROM {t} "

@@ -17,6 +17,8 @@ from . import db
 from .errors import DataError
 from .identity import Identity
 from .pieces import Done, Pieces
+from .readers import is_blank, repeated_ids
+from .table_names import check_table_name
 from .tokens import Window
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,9 @@ class Target:
     id_col: str
     text_col: str
 
+    def __post_init__(self):
+        check_table_name(self.table)  # refused before anything is created or paid
+
     @property
     def chunks_table(self) -> str:
         return f"{self.table}_chunks"
@@ -48,15 +53,17 @@ class Rows:
     empty_ids: list[str] = field(default_factory=list)
     duplicate_ids: int = 0
     invalid: list[tuple[str, str]] = field(default_factory=list)   # (id, reason)
+    repeated: list[str] = field(default_factory=list)  # a few of the ids that repeat
 
     def take(self, positions: Sequence[int]) -> "Rows":
         return Rows([self.ids[i] for i in positions], [self.texts[i] for i in positions],
-                    self.rows_read, self.empty_ids, self.duplicate_ids, self.invalid)
+                    self.rows_read, self.empty_ids, self.duplicate_ids, self.invalid,
+                    self.repeated)
 
 
 def is_missing(value) -> bool:
-    """None, NaN (pandas' missing) or a text that is empty once stripped."""
-    return value is None or value != value or (isinstance(value, str) and not value.strip())
+    """None, NaN (pandas' missing) or a text of only spaces and invisible characters."""
+    return value is None or value != value or is_blank(value)
 
 
 def prepare(ids: Sequence, texts: Sequence, *, id_col: str = "id") -> Rows:
@@ -85,14 +92,15 @@ def prepare(ids: Sequence, texts: Sequence, *, id_col: str = "id") -> Rows:
     if empty_ids:
         log.warning("%d rows with empty text are not sent (ids: %s%s)", len(empty_ids),
                     ", ".join(empty_ids[:5]), " ..." if len(empty_ids) > 5 else "")
+    repeated = repeated_ids([i for i, t in zip(map(str, ids), texts) if not is_missing(t)])
     if kept > len(last):
-        log.warning("%d rows repeat an id already seen; the last one of each id wins",
-                    kept - len(last))
+        log.warning("%d rows repeat an id already seen (%s); the last one of each id wins",
+                    kept - len(last), ", ".join(repeated))
     invalid = [(i, NUL_REASON) for i, t in last.items() if "\x00" in t]
     for row_id, _ in invalid:
         del last[row_id]
     return Rows(list(last), list(last.values()), len(ids), empty_ids, kept - len(last) - len(invalid),
-                invalid)
+                invalid, repeated)
 
 
 def text_md5(text: str) -> str:

@@ -248,6 +248,8 @@ def build_contexts(tables: dict[str, pd.DataFrame], *,
 
 
 def _first_patients(tables: dict[str, pd.DataFrame], n: int) -> dict[str, pd.DataFrame]:
+    from .readers import check_limit
+    check_limit(n)  # head(-5) would drop the last five
     # Trim before cleaning so Step 4 does not report the other patients' rows as "unknown".
     patients = tables["patients"].head(n)
     ids = set(patients["Id"].str.strip())

@@ -49,7 +49,7 @@ def load_raw(path, id_col: str | None = None, text_col: str | None = None,
     from . import data  # pandas: only for Steps 3-5, never for a CSV ingest from the CLI
 
     folder = project_path(path)
-    if folder.is_dir():
+    if data.is_synthea(folder):  # else a CSV or Parquet file or a folder of them
         tables = data.load_synthea(folder)
         as_of = data.reference_date(tables)
         if limit:

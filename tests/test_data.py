@@ -143,10 +143,13 @@ def test_load_input_csv_needs_columns():
 
 
 def test_load_input_rejects_other_folders_and_bad_limits(tmp_path):
-    with pytest.raises(DataError, match="without patients.csv"):
+    with pytest.raises(DataError, match=r"not a Synthea folder \(no patients.csv\)"):
         load_input(tmp_path)
-    with pytest.raises(DataError, match="positive integer"):
-        load_input(SYNTHEA, limit=0)
+    with pytest.raises(DataError, match="expected a CSV or Parquet file, or a folder of them"):
+        load_input(tmp_path, "id", "text")
+    for bad in (0, -5):
+        with pytest.raises(DataError, match="whole number of rows >= 1"):
+            load_input(SYNTHEA, limit=bad)
 
 
 def test_load_table_missing_column_lists_existing_ones():
@@ -165,12 +168,12 @@ def test_load_table_missing_file_says_where_it_looked():
 
 def test_load_table_reads_ids_as_strings_and_rows_as_they_are(tmp_path):
     path = tmp_path / "t.csv"
-    path.write_text("id,extra,text\n007,x,first\nNA,y,second\n9,z,\n007,w,again\n ,v,no id\n")
+    path.write_text("id,extra,text\n007,x,first\nNA,y,second\n9,z,\n007,w,again\n")
     df = load_table(path, "id", "text")
     assert list(df.columns) == ["id", "text"]
     # leading zeros kept, "NA" is an id; empty texts and repeats are left to steps.prepare
-    assert list(df["id"][:4]) == ["007", "NA", "9", "007"] and pd.isna(df["id"][4])
-    assert list(df["text"]) == ["first", "second", "", "again", "no id"]
+    assert list(df["id"]) == ["007", "NA", "9", "007"]
+    assert list(df["text"]) == ["first", "second", "", "again"]
     assert list(load_table(path, "id", "text", limit=2)["id"]) == ["007", "NA"]
 
 
