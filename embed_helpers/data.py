@@ -14,7 +14,7 @@ import pandas as pd
 from .constants import project_path
 from .errors import DataError
 from .readers import check_limit as _check_limit
-from .synthea import (CONTEXT_ID, CONTEXT_TEXT, _first_patients, _missing,  # noqa: F401
+from .synthea import (CONTEXT_ID, CONTEXT_TEXT, first_patients, missing_file,  # noqa: F401
                       build_contexts, clean_synthea, load_synthea, reference_date)
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def load_table(path: str | Path, id_col: str, text_col: str, limit: int | None =
         encoding = load_settings().EMBED_INPUT_ENCODING
     p = project_path(path)
     if not p.exists():
-        raise _missing(p, "CSV file")
+        raise missing_file(p, "CSV file")
     from .readers import read_columns
     df = pd.DataFrame(read_columns(p, id_col, text_col, limit, encoding),
                       columns=[id_col, text_col], dtype=object)
@@ -78,10 +78,10 @@ def load_input(path: str | Path, id_col: str | None = None, text_col: str | None
         # is the same with or without a limit.
         as_of = reference_date(tables)
         if limit is not None:
-            tables = _first_patients(tables, limit)
+            tables = first_patients(tables, limit)
         return build_contexts(clean_synthea(tables), as_of=as_of), CONTEXT_ID, CONTEXT_TEXT
     if not p.exists():
-        raise _missing(p, "DATA_PATH")
+        raise missing_file(p, "DATA_PATH")
     if not id_col or not text_col:
         columns = f": {', '.join(_header(p))}" if p.is_file() and p.suffix != ".parquet" else ""
         raise DataError(f"{p.name} is not a Synthea folder (no patients.csv): set ID_COL and "

@@ -121,7 +121,7 @@ def create_chunks_table(conn, table: str, id_col: str, dim: int) -> None:
 
 def _create(conn, table: str, dim: int, statement: sql.Composable) -> None:
     existing = table_dimension(conn, table)
-    if existing is not None and existing != dim and _is_empty(conn, table):
+    if existing is not None and existing != dim and not count_rows(conn, table)["rows"]:
         # Left by a run stopped at its first batch (a wrong EMBEDDING_DIM): nothing to lose.
         log.warning("table %s is empty and made for %d dimensions: made again for %d",
                     table, existing, dim)
@@ -133,14 +133,6 @@ def _create(conn, table: str, dim: int, statement: sql.Composable) -> None:
                         "if its vectors came from another model.")
     if existing is None and not create_racing(conn, statement):
         _create(conn, table, dim, statement)  # another worker's: check its dimension
-
-
-def _is_empty(conn, table: str) -> bool:
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {t})").format(t=sql.Identifier(table)))
-        empty = cur.fetchone()[0]
-    conn.rollback()
-    return empty
 
 
 @guarded("reading which rows of {table} are stored")

@@ -44,7 +44,7 @@ _SEMANTIC_TAG = re.compile(r"\s*\((disorder|finding|procedure|substance|situatio
 
 
 
-def _missing(path: Path, what: str) -> DataError:
+def missing_file(path: Path, what: str) -> DataError:
     return DataError(f"{what} not found: {path} (relative paths are resolved from the project "
                      f"root, {PROJECT_ROOT})")
 
@@ -57,7 +57,7 @@ def load_synthea(folder: str | Path) -> dict[str, pd.DataFrame]:
     """
     root = project_path(folder)
     if not root.is_dir():
-        raise _missing(root, "Synthea folder")
+        raise missing_file(root, "Synthea folder")
     absent = [f"{n}.csv" for n in SYNTHEA_TABLES if not (root / f"{n}.csv").is_file()]
     if absent:
         raise DataError(f"Synthea folder {root} lacks {', '.join(absent)}; it needs all of "
@@ -247,7 +247,7 @@ def build_contexts(tables: dict[str, pd.DataFrame], *,
     return df
 
 
-def _first_patients(tables: dict[str, pd.DataFrame], n: int) -> dict[str, pd.DataFrame]:
+def first_patients(tables: dict[str, pd.DataFrame], n: int) -> dict[str, pd.DataFrame]:
     from .readers import check_limit
     check_limit(n)  # head(-5) would drop the last five
     # Trim before cleaning so Step 4 does not report the other patients' rows as "unknown".

@@ -53,7 +53,7 @@ def load_raw(path, id_col: str | None = None, text_col: str | None = None,
         tables = data.load_synthea(folder)
         as_of = data.reference_date(tables)
         if limit:
-            tables = data._first_patients(tables, limit)
+            tables = data.first_patients(tables, limit)
         return RawInput(tables, data.CONTEXT_ID, data.CONTEXT_TEXT, as_of)
     df, id_col, text_col = data.load_input(folder, id_col, text_col, limit)
     return RawInput({"rows": df}, id_col, text_col)
