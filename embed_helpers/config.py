@@ -20,7 +20,7 @@ from .backends import DEFAULT_BACKEND, REGISTRY
 from .constants import (DEFAULT_CACHE_PATH, DEFAULT_PGDATA, DEFAULT_RUNS_DIR, PROJECT_ROOT,
                         project_path)
 from .errors import ConfigError
-from .printing import Secret, mask, mask_url, relative  # noqa: F401  (names of the settings API)
+from .printing import Secret, dsn_problem, mask, mask_url, relative  # noqa: F401  (settings API)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _bool(value: Any) -> bool:
 def _url(value: Any) -> str:
     text = str(value).strip().rstrip("/")
     if not re.match(r"^https?://[^/\s]+", text):
-        raise ValueError(f"expected an http(s):// URL, got {value!r}")
+        raise ValueError(f"expected an http(s):// URL, got {mask_url(str(value))!r}")
     return text
 
 
@@ -167,6 +167,18 @@ class Settings:
 
 _secret = _optional(lambda v: Secret(_text(v)))
 
+
+def _connection(value: Any) -> Secret:
+    """A PostgreSQL URL or key=value string that libpq reads as written (never echoed)."""
+    dsn = Secret(_text(value))
+    problem = dsn_problem(dsn)
+    if problem:
+        raise ValueError(f"{problem} (the value is not shown: it holds a password)")
+    return dsn
+
+
+_dsn = _optional(_connection)
+
 #: name -> (parser, help). The order is the order of GUIDE.md's table and `.env.example`.
 SPEC: dict[str, tuple[Callable[[Any], Any], str]] = {
     "EMBEDDING_BACKEND": (_choice(*REGISTRY), f"which backend embeds: {', '.join(REGISTRY)} (GUIDE.md, Backends)"),
@@ -190,9 +202,9 @@ SPEC: dict[str, tuple[Callable[[Any], Any], str]] = {
     "LOCAL_EMBED_MODEL": (_text, "sentence-transformers model: the bundled name, or a path"),
     "EMBED_CACHE_BACKEND": (_choice("jsonl", "postgres"), "where the cache lives: jsonl (a file) or postgres (a table every machine shares)"),
     "EMBED_CACHE_PATH": (_path, "JSONL embedding cache; relative paths are from the project root"),
-    "EMBED_CACHE_URL": (_secret, "PostgreSQL of the postgres cache; unset = the run's database"),
+    "EMBED_CACHE_URL": (_dsn, "PostgreSQL of the postgres cache; unset = the run's database"),
     "EMBED_CACHE_ONLY": (_bool, "never call the backend; cache misses become failures"),
-    "DATABASE_URL": (_secret, "PostgreSQL URL; unset = embedded server in .pgdata/"),
+    "DATABASE_URL": (_dsn, "PostgreSQL URL; unset = embedded server in .pgdata/"),
     "EMBED_PGDATA": (_path, "data folder of the embedded server (when DATABASE_URL is unset)"),
     "UPSERT": (_bool, "update rows whose id exists (ON CONFLICT DO UPDATE); off = keep them"),
     "EMBED_INDEX": (_choice("auto", "always", "never"), "HNSW index after the load: auto (from 20,000 rows), always, never"),

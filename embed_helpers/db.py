@@ -17,7 +17,8 @@ from pgvector.psycopg2 import register_vector
 from psycopg2 import sql
 from psycopg2.extras import execute_values
 
-from .config import Settings, mask_url
+from .config import Settings, dsn_problem, mask_url
+from .printing import without_password
 from .constants import LOOKUP_CHUNK_IDS
 from .claims import keep_latest
 from .copy_format import chunks_payload, copy_new_rows, copy_rows, rows_payload
@@ -40,11 +41,17 @@ def connect(settings: Settings):
         pgdata = Path(settings.EMBED_PGDATA)
         url = embedded_uri(pgdata)
         where = f"embedded PostgreSQL ({settings.EMBED_PGDATA})"
+    problem = dsn_problem(url)
+    if problem:  # libpq's own message would quote part of the password
+        raise DatabaseError(f"Cannot connect to PostgreSQL at {where}: {problem}. Fix "
+                            "DATABASE_URL (or EMBED_CACHE_URL), or unset it to use the "
+                            "embedded server.")
     try:
         conn = psycopg2.connect(url, application_name="embed_helpers")
-    except psycopg2.OperationalError as exc:
-        raise DatabaseError(f"Cannot connect to PostgreSQL at {where}: {str(exc).strip()}. "
-                            "Check DATABASE_URL, or unset it to use the embedded server.") from None
+    except (psycopg2.OperationalError, psycopg2.ProgrammingError) as exc:
+        raise DatabaseError(f"Cannot connect to PostgreSQL at {where}: "
+                            f"{without_password(str(exc).strip(), url)}. Check DATABASE_URL, "
+                            "or unset it to use the embedded server.") from None
     ensure_vector_extension(conn)
     register_vector(conn)
     conn.rollback()  # register_vector's lookup left a transaction open
