@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import EmbedHelpersError
+from .errors import ConfigError, EmbedHelpersError
 
 log = logging.getLogger("embed_helpers")
 EXIT_ERROR, EXIT_ROWS_FAILED = 1, 3
@@ -137,6 +137,13 @@ def cmd_cache(args) -> int:
     from .cache import EmbeddingCache
     from .config import load_settings, replace_settings
 
+    if args.action == "setup-sql":  # needs no settings and no database
+        from .cache_pg import setup_sql
+        try:
+            print(setup_sql(args.role), end="")
+        except ValueError as exc:
+            raise ConfigError("--role", str(exc)) from None
+        return 0
     settings = load_settings()
     if args.path:
         settings = replace_settings(settings, EMBED_CACHE_PATH=args.path,
@@ -210,11 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="executed notebook path (default runs/run-<UTC time>.ipynb)")
     p = sub.add_parser("cache", help="inspect, repair or move the embedding cache")
     p.set_defaults(func=cmd_cache)
-    p.add_argument("action", choices=("stats", "doctor", "compact", "export", "import"))
+    p.add_argument("action", choices=("stats", "doctor", "compact", "export", "import",
+                                      "setup-sql"),
+                   help="setup-sql: print the SQL an administrator runs to create the shared "
+                        "cache tables and grant them to --role")
     p.add_argument("file", nargs="?", help="import: the JSONL file to read")
     p.add_argument("--to", dest="export_to", help="export: the JSONL file to write")
     p.add_argument("--path", help="a JSONL cache file instead of the configured store")
     p.add_argument("--text", action="append", help="doctor: explain why this text misses")
+    p.add_argument("--role", default="embed_user",
+                   help="setup-sql: the role that runs ingestions (default embed_user)")
     return parser
 
 
