@@ -11,7 +11,7 @@ _EXPORTS = {
     "batching": ["abatch_embed", "batch_embed", "chunked"],
     "cache": ["EmbeddingCache"],
     "cache_doctor": ["diagnose", "doctor_report"],
-    "cache_tools": ["open_cache"],
+    "cache_tools": ["open_cache", "visible_stores"],
     "config": ["Settings", "load_settings", "relative"],
     "constants": ["project_path"],
     "core": ["Target"],

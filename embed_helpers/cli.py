@@ -174,7 +174,8 @@ def cmd_cache(args) -> int:
         from .cache_doctor import doctor_report
         with get_backend(settings) as backend:
             print(doctor_report(store, backend.identity(settings.EMBEDDING_DIM),
-                                texts=args.text or None))
+                                texts=args.text or None,
+                                also=cache_tools.visible_stores(settings, store)))
     return 0
 
 
