@@ -27,6 +27,7 @@ from .config import Settings
 from .constants import (RAY_BATCHES_PER_BLOCK, RAY_HTTP_WORKER_CPUS, RAY_OBJECT_STORE_BYTES,
                         RAY_READER_CPUS)
 from .errors import ConfigError, EmbedHelpersError
+from .ray_cluster import join, quiet_our_errors, without_rays_note
 from .report import RunReport, write_failures
 from .worker import BlockWorker
 
@@ -110,11 +111,11 @@ def _start(ray, settings: Settings) -> float:
         logging.getLogger(name).setLevel(logging.ERROR)
     if not ray.is_initialized():
         if settings.RAY_ADDRESS:
-            ray.init(address=settings.RAY_ADDRESS, log_to_driver=False,
-                     runtime_env={"py_modules": [str(Path(__file__).parent)]})
+            join(ray, settings.RAY_ADDRESS)  # with the cluster's token, when it has one
         else:
             ray.init(include_dashboard=False, object_store_memory=RAY_OBJECT_STORE_BYTES,
                      log_to_driver=False, configure_logging=False)
+    quiet_our_errors(_our_error)  # ours reach the user once, without Ray's traceback
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.raise_original_map_exception = True  # our errors say what to do; keep them
@@ -212,7 +213,7 @@ def _collect(dataset, report: RunReport, progress: bool) -> list[dict]:
     except Exception as exc:  # Ray wraps our errors: show ours, not Ray's traceback
         ours = _our_error(exc)
         if ours is not None:
-            raise ours from None
+            raise without_rays_note(ours) from None
         raise
     finally:
         bar.close()
