@@ -90,8 +90,8 @@ class Leases:
                                                   True)}
                 log.warning("cache: took over the texts of %s, which is no longer running",
                             ", ".join(_name(o) for o in dead))
-        now = time.monotonic()
-        self.held.update((k, now) for k in got)
+            now = time.monotonic()
+            self.held.update((k, now) for k in got)
         self._explain([h for h in held_by if h[0] not in dead])
         if got:
             self._start()
@@ -99,17 +99,18 @@ class Leases:
 
     def done(self, keys) -> None:
         """Their vectors are stored (which deleted the lease rows): stop renewing them."""
-        for key in keys:
-            self.held.pop(key, None)
+        with self.lock:
+            for key in keys:
+                self.held.pop(key, None)
 
     def renew(self) -> int:
         """One heartbeat: extend the leases held less than `max_hold`; returns how many."""
         now = time.monotonic()
-        for key in [k for k, at in self.held.items() if now - at > self.max_hold]:
-            del self.held[key]  # its vector never came: let another run try it
-        if not self.held:
-            return 0
-        with self.lock:
+        with self.lock:  # the heartbeat's thread and the run's share `held`
+            for key in [k for k, at in self.held.items() if now - at > self.max_hold]:
+                del self.held[key]  # its vector never came: let another run try it
+            if not self.held:
+                return 0
             return _run(self.conn, RENEW_SQL, {"o": self.owner, "s": CACHE_LEASE_S,
                                                "k": list(self.held)}, True, count=True)
 
