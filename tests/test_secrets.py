@@ -134,3 +134,12 @@ def check_cli(special_role, fake_server, tmp_path, table):
     files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
     assert files  # the runs' reports are there, and hold no piece of the password
     assert not [p for p in files if leaks(p.read_text(errors="replace"))]
+
+
+def test_a_secret_given_as_a_notebook_parameter_is_never_written_into_the_notebook(monkeypatch):
+    from embed_helpers.notebook import _secrets_to_environment, parse_param
+    monkeypatch.delenv("EMBED_CACHE_URL", raising=False)
+    dsn = READABLE[0]
+    params = dict(parse_param(p) for p in [f"EMBED_CACHE_URL={dsn}", "EMBED_BATCH_SIZE=8"])
+    assert _secrets_to_environment(params) == {"EMBED_BATCH_SIZE": 8}  # what papermill writes
+    assert os.environ["EMBED_CACHE_URL"] == dsn  # the kernel inherits it
