@@ -12,7 +12,7 @@ _EXPORTS = {
     "cache": ["EmbeddingCache"],
     "cache.store": ["CacheStore", "MemoryStore"],
     "cache.doctor": ["diagnose", "doctor_report"],
-    "cache.tools": ["open_cache"],
+    "cache.tools": ["open_cache", "visible_stores"],
     "embedder": ["Embedder"],
     "config": ["Settings", "load_settings", "relative"],
     "constants": ["project_path"],

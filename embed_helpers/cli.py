@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import EmbedHelpersError
+from .errors import ConfigError, EmbedHelpersError
 
 log = logging.getLogger("embed_helpers")
 EXIT_ERROR, EXIT_ROWS_FAILED, EXIT_INTERRUPTED = 1, 3, 130
@@ -124,6 +124,13 @@ def cmd_cache(args) -> int:
     from .cache.jsonl import EmbeddingCache
     from .config import load_settings, replace_settings
 
+    if args.action == "setup-sql":  # needs no settings and no database
+        from .cache.postgres import setup_sql
+        try:
+            print(setup_sql(args.role), end="")
+        except ValueError as exc:
+            raise ConfigError("--role", str(exc)) from None
+        return 0
     settings = load_settings()
     if args.path:
         settings = replace_settings(settings, EMBED_CACHE_PATH=args.path,
@@ -154,7 +161,8 @@ def cmd_cache(args) -> int:
         from .cache.doctor import doctor_report
         with get_backend(settings) as backend:
             print(doctor_report(store, backend.identity(settings.EMBEDDING_DIM),
-                                texts=getattr(args, "text", None) or None))
+                                texts=getattr(args, "text", None) or None,
+                                also=cache_tools.visible_stores(settings, store)))
     return 0
 
 
@@ -221,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         elif action == "doctor":
             a.add_argument("--text", action="append",
                            help="explain why this text misses (repeatable)")
+        elif action == "setup-sql":
+            a.add_argument("--role", default="embed_user",
+                           help="the role that runs ingestions (default embed_user)")
     return parser
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -17,118 +16,16 @@ from typing import Any, Callable, Mapping
 from dotenv import dotenv_values
 
 from .registry import DEFAULT_BACKEND, REGISTRY
-from .constants import (DEFAULT_CACHE_PATH, DEFAULT_PGDATA, DEFAULT_RUNS_DIR, PROJECT_ROOT,
-                        project_path)
+from .constants import DEFAULT_CACHE_PATH, DEFAULT_PGDATA, DEFAULT_RUNS_DIR, PROJECT_ROOT
 from .errors import ConfigError
-from .printing import Secret, mask, mask_url, relative  # noqa: F401  (names of the settings API)
+from .printing import Secret, mask, mask_url, relative  # noqa: F401  (settings API)
+from .setting_values import (boolean, codec, dsn, number, one_of, optional, path_value, secret,  # noqa: F401
+                             text, url_list, urls, whole_number)
 
 log = logging.getLogger(__name__)
 
 ENCODINGS = ("float", "base64")
 LOCAL_MODEL_DEFAULT = "all-MiniLM-L6-v2"
-
-
-# --- value parsers: each raises ValueError with what is allowed -------------------
-
-def _int(minimum: int) -> Callable[[Any], int]:
-    def parse(value: Any) -> int:
-        try:
-            number = int(str(value).strip())
-        except ValueError:
-            raise ValueError(f"expected a whole number >= {minimum}, got {value!r}") from None
-        if number < minimum:
-            raise ValueError(f"expected a whole number >= {minimum}, got {number}")
-        return number
-    return parse
-
-
-def _float(minimum: float) -> Callable[[Any], float]:
-    def parse(value: Any) -> float:
-        try:
-            number = float(str(value).strip())
-        except ValueError:
-            raise ValueError(f"expected a number >= {minimum}, got {value!r}") from None
-        if not number >= minimum or number == float("inf"):
-            raise ValueError(f"expected a finite number >= {minimum}, got {value!r}")
-        return number
-    return parse
-
-
-def _choice(*allowed: str) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
-        text = str(value).strip().lower()
-        if text not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}, got {value!r}")
-        return text
-    return parse
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"expected true/false (1/0, yes/no), got {value!r}")
-
-
-def _url(value: Any) -> str:
-    text = str(value).strip().rstrip("/")
-    if not re.match(r"^https?://[^/\s]+", text):
-        raise ValueError(f"expected an http(s):// URL, got {value!r}")
-    return text
-
-
-def _urls(value: Any) -> str:
-    """One URL or a list of servers that serve the same model, separated by commas or spaces.
-
-    >>> _urls(" http://a:1/ , http://b:2")
-    'http://a:1,http://b:2'
-    >>> _urls("http://a:1 http://b:2/v1")
-    'http://a:1,http://b:2/v1'
-    """
-    parts = [p for p in re.split(r"[,\s]+", str(value)) if p]
-    if not parts:
-        raise ValueError("expected one or more http(s):// URLs separated by commas or spaces")
-    return ",".join(_url(p.strip()) for p in parts)
-
-
-def urls(value: str) -> list[str]:
-    """The servers of a URL-list setting (OLLAMA_HOST, OPENAI_BASE_URL)."""
-    return [u for u in value.split(",") if u]
-
-
-
-
-def _text(value: Any) -> str:
-    text = str(value).strip()
-    if not text:
-        raise ValueError("must not be empty")
-    return text
-
-
-def _codec(value: Any) -> str:
-    """A text encoding Python knows (utf-8, cp1252, latin-1...), by its canonical name."""
-    import codecs
-    try:
-        return codecs.lookup(_text(value)).name
-    except LookupError:
-        raise ValueError(f"expected a text encoding such as utf-8, cp1252 or latin-1, got "
-                         f"{value!r}") from None
-
-
-def _path(value: Any) -> Path:
-    return project_path(value)
-
-
-def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    def wrapped(value: Any) -> Any:
-        if value is None or str(value).strip() == "":
-            return None
-        return parse(value)
-    return wrapped
 
 
 @dataclass(frozen=True)
@@ -181,46 +78,44 @@ class Settings:
         return [(name, display(self, name)) for name in setting_names()]
 
 
-_secret = _optional(lambda v: Secret(_text(v)))
-
 #: name -> (parser, help). The order is the order of GUIDE.md's table and `.env.example`.
 SPEC: dict[str, tuple[Callable[[Any], Any], str]] = {
-    "EMBEDDING_BACKEND": (_choice(*REGISTRY), f"which backend embeds: {', '.join(REGISTRY)} (GUIDE.md, Backends)"),
-    "EMBED_ENGINE": (_choice("local", "ray"), "local (threads in this process) or ray (a Ray cluster)"),
-    "EMBED_BATCH_SIZE": (_int(1), "texts per embedding request"),
-    "EMBED_MAX_RETRIES": (_int(0), "retries per request on 408/409/429/5xx, timeouts, connection errors"),
-    "EMBED_BACKOFF_MS": (_int(0), "first retry delay in ms; doubles each attempt (capped, jittered)"),
-    "EMBED_MAX_CONCURRENCY": (_int(1), "embedding requests in flight at once, per server"),
-    "EMBEDDING_TIMEOUT": (_float(0.1), "seconds to wait for one response"),
-    "EMBEDDING_DIM": (_optional(_int(1)), "expected dimension; unset = from the table, the cache or the first batch"),
-    "EMBED_ENCODING": (_choice(*ENCODINGS), "OpenAI-compatible response encoding: base64 (smaller; float if the server refuses) or float"),
-    "EMBED_LONG_TEXTS": (_choice("chunk", "truncate", "fail"), "texts over the model's window: chunk (with overlap), truncate (warned), or fail"),
-    "EMBED_CHUNK_OVERLAP": (_int(0), "tokens shared by neighbouring chunks of a long text"),
-    "EMBED_MAX_INPUT_TOKENS": (_optional(_int(1)), "tokens one input may hold; unset = the model's own window"),
-    "EMBED_MAX_TOKENS_PER_REQUEST": (_optional(_int(0)), "tokens one request may carry; unset = the backend's limit (OpenAI's 300,000), 0 = none"),
-    "EMBED_TOKENIZER": (_optional(_path), "tokenizer.json of the served model, to count its tokens exactly; unset = the bundled MiniLM's for a MiniLM, else an estimate"),
-    "OLLAMA_HOST": (_urls, "Ollama server URL, or several separated by commas or spaces"),
-    "OLLAMA_EMBED_MODEL": (_text, "Ollama embedding model"),
-    "OPENAI_BASE_URL": (_urls, "OpenAI-compatible base URL including /v1, or several separated by commas or spaces"),
-    "OPENAI_API_KEY": (_secret, "API key (secret; sent as Bearer token)"),
-    "OPENAI_EMBED_MODEL": (_text, "model name sent to the OpenAI-compatible server"),
-    "LOCAL_EMBED_MODEL": (_text, "sentence-transformers model: the bundled name, or a path"),
-    "EMBED_CACHE_BACKEND": (_choice("jsonl", "postgres"), "where the cache lives: jsonl (a file) or postgres (a table every machine shares)"),
-    "EMBED_CACHE_PATH": (_path, "JSONL embedding cache; relative paths are from the project root"),
-    "EMBED_CACHE_URL": (_secret, "PostgreSQL of the postgres cache; unset = the run's database"),
-    "EMBED_CACHE_ONLY": (_bool, "never call the backend; cache misses become failures"),
-    "EMBED_COALESCE_MS": (_int(0), "Embedder: how long concurrent single calls wait to share a batch"),
-    "DATABASE_URL": (_secret, "PostgreSQL URL; unset = embedded server in .pgdata/"),
-    "EMBED_PGDATA": (_path, "data folder of the embedded server (when DATABASE_URL is unset)"),
-    "UPSERT": (_bool, "update rows whose id exists (ON CONFLICT DO UPDATE); off = keep them"),
-    "EMBED_INDEX": (_choice("auto", "always", "never"), "HNSW index after the load: auto (from 20,000 rows), always, never"),
-    "EMBED_RUNS_DIR": (_path, "where failure lists and reports go; relative paths are from the project root"),
-    "EMBED_INPUT_ENCODING": (_codec, "text encoding of input CSV files (a UTF-8 BOM is always dropped); e.g. cp1252 for Excel's plain CSV"),
-    "EMBED_WORKERS": (_optional(_int(1)), "Ray workers; unset = one per GPU (local) or per server"),
-    "RAY_ADDRESS": (_optional(_text), "Ray cluster to join (ray://host:10001 or host:6379); unset = a local Ray"),
-    "EMBED_EXPECTED_TEXTS_PER_S": (_optional(_float(0.001)), "throughput for the plan's estimate; unset = probe"),
-    "EMBED_PRICE_PER_1M_TOKENS": (_optional(_float(0)), "USD per million tokens of a hosted API; unset = OpenAI's list price for its models"),
-    "GPU_HOURLY_USD": (_optional(_float(0)), "price per hour of the embedding machine, for cost figures"),
+    "EMBEDDING_BACKEND": (one_of(*REGISTRY), f"which backend embeds: {', '.join(REGISTRY)} (GUIDE.md, Backends)"),
+    "EMBED_ENGINE": (one_of("local", "ray"), "local (threads in this process) or ray (a Ray cluster)"),
+    "EMBED_BATCH_SIZE": (whole_number(1), "texts per embedding request"),
+    "EMBED_MAX_RETRIES": (whole_number(0), "retries per request on 408/409/429/5xx, timeouts, connection errors"),
+    "EMBED_BACKOFF_MS": (whole_number(0), "first retry delay in ms; doubles each attempt (capped, jittered)"),
+    "EMBED_MAX_CONCURRENCY": (whole_number(1), "embedding requests in flight at once, per server"),
+    "EMBEDDING_TIMEOUT": (number(0.1), "seconds to wait for one response"),
+    "EMBEDDING_DIM": (optional(whole_number(1)), "expected dimension; unset = from the table, the cache or the first batch"),
+    "EMBED_ENCODING": (one_of(*ENCODINGS), "OpenAI-compatible response encoding: base64 (smaller; float if the server refuses) or float"),
+    "EMBED_LONG_TEXTS": (one_of("chunk", "truncate", "fail"), "texts over the model's window: chunk (with overlap), truncate (warned), or fail"),
+    "EMBED_CHUNK_OVERLAP": (whole_number(0), "tokens shared by neighbouring chunks of a long text"),
+    "EMBED_MAX_INPUT_TOKENS": (optional(whole_number(1)), "tokens one input may hold; unset = the model's own window"),
+    "EMBED_MAX_TOKENS_PER_REQUEST": (optional(whole_number(0)), "tokens one request may carry; unset = the backend's limit (OpenAI's 300,000), 0 = none"),
+    "EMBED_TOKENIZER": (optional(path_value), "tokenizer.json of the served model, to count its tokens exactly; unset = the bundled MiniLM's for a MiniLM, else an estimate"),
+    "OLLAMA_HOST": (url_list, "Ollama server URL, or several separated by commas or spaces"),
+    "OLLAMA_EMBED_MODEL": (text, "Ollama embedding model"),
+    "OPENAI_BASE_URL": (url_list, "OpenAI-compatible base URL including /v1, or several separated by commas or spaces"),
+    "OPENAI_API_KEY": (secret, "API key (secret; sent as Bearer token)"),
+    "OPENAI_EMBED_MODEL": (text, "model name sent to the OpenAI-compatible server"),
+    "LOCAL_EMBED_MODEL": (text, "sentence-transformers model: the bundled name, or a path"),
+    "EMBED_CACHE_BACKEND": (one_of("jsonl", "postgres"), "where the cache lives: jsonl (a file) or postgres (a table every machine shares)"),
+    "EMBED_CACHE_PATH": (path_value, "JSONL embedding cache; relative paths are from the project root"),
+    "EMBED_CACHE_URL": (dsn, "PostgreSQL of the postgres cache; unset = the run's database"),
+    "EMBED_CACHE_ONLY": (boolean, "never call the backend; cache misses become failures"),
+    "EMBED_COALESCE_MS": (whole_number(0), "Embedder: how long concurrent single calls wait to share a batch"),
+    "DATABASE_URL": (dsn, "PostgreSQL URL; unset = embedded server in .pgdata/"),
+    "EMBED_PGDATA": (path_value, "data folder of the embedded server (when DATABASE_URL is unset)"),
+    "UPSERT": (boolean, "update rows whose id exists (ON CONFLICT DO UPDATE); off = keep them"),
+    "EMBED_INDEX": (one_of("auto", "always", "never"), "HNSW index after the load: auto (from 20,000 rows), always, never"),
+    "EMBED_RUNS_DIR": (path_value, "where failure lists and reports go; relative paths are from the project root"),
+    "EMBED_INPUT_ENCODING": (codec, "text encoding of input CSV files (a UTF-8 BOM is always dropped); e.g. cp1252 for Excel's plain CSV"),
+    "EMBED_WORKERS": (optional(whole_number(1)), "Ray workers; unset = one per GPU (local) or per server"),
+    "RAY_ADDRESS": (optional(text), "Ray cluster to join (ray://host:10001 or host:6379); unset = a local Ray"),
+    "EMBED_EXPECTED_TEXTS_PER_S": (optional(number(0.001)), "throughput for the plan's estimate; unset = probe"),
+    "EMBED_PRICE_PER_1M_TOKENS": (optional(number(0)), "USD per million tokens of a hosted API; unset = OpenAI's list price for its models"),
+    "GPU_HOURLY_USD": (optional(number(0)), "price per hour of the embedding machine, for cost figures"),
 }
 
 SECRET_NAMES = ("OPENAI_API_KEY", "DATABASE_URL", "EMBED_CACHE_URL")

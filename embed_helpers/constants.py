@@ -162,9 +162,14 @@ RAY_OBJECT_STORE_BYTES = 200_000_000
 # The shared cache (embed_helpers.cache.postgres)
 #: How long to wait before looking again for texts another run is embedding right now.
 CACHE_LEASE_POLL_S = 0.25
-#: The longest a run holds the texts it is embedding (2 x EMBEDDING_TIMEOUT up to this):
-#: the most another run waits for the texts of a run that died holding them.
+#: The longest a run keeps renewing the lease of a text whose vector has not come
+#: (2 x EMBEDDING_TIMEOUT up to this): then another run may try it.
 CACHE_LEASE_MAX_S = 60.0
+#: A lease lasts this long past its holder's last heartbeat: the most a run on another
+#: host waits for the texts of a run that died (one on the same host takes them at once).
+CACHE_LEASE_S = 10.0
+#: How often a run renews the leases it holds.
+CACHE_LEASE_HEARTBEAT_S = 2.0
 
 # Input files (embed_helpers.csv_rows, embed_helpers.readers)
 #: Rows per block when a file is read in blocks (the Ray engine's read tasks, the checks).

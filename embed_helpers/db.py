@@ -3,8 +3,7 @@
 Every write is keyed by row id and idempotent, so many workers can ingest shards of one
 data set into one PostgreSQL at once and a rerun never duplicates rows. Every function
 passes `db_guard.guarded`: a server that fails or goes away becomes a `DatabaseError`
-that says what to do. Search and the index are in `retrieval`.
-"""
+that says what to do. Search and the index are in `retrieval`."""
 from __future__ import annotations
 
 import logging
@@ -22,6 +21,7 @@ from .constants import LOOKUP_CHUNK_IDS
 from .copy_format import chunks_payload, copy_new_rows, copy_rows, rows_payload
 from .db_guard import EXTERNAL, check_once, create_racing, guarded
 from .errors import DatabaseError, DataError
+from .printing import dsn_problem, without_password
 from .table_names import check_schema, regclass_text, table_ident
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,17 @@ def connect(settings: Settings):
         pgdata = Path(settings.EMBED_PGDATA)
         url = embedded_uri(pgdata)
         where = f"embedded PostgreSQL ({settings.EMBED_PGDATA})"
+    problem = dsn_problem(url)
+    if problem:  # libpq's own message would quote part of the password
+        raise DatabaseError(f"Cannot connect to PostgreSQL at {where}: {problem}. Fix "
+                            "DATABASE_URL (or EMBED_CACHE_URL), or unset it to use the "
+                            "embedded server.")
     try:
         conn = psycopg2.connect(url, application_name="embed_helpers")
-    except psycopg2.OperationalError as exc:
-        raise DatabaseError(f"Cannot connect to PostgreSQL at {where}: {str(exc).strip()}. "
-                            "Check DATABASE_URL, or unset it to use the embedded server.") from None
+    except (psycopg2.OperationalError, psycopg2.ProgrammingError) as exc:
+        raise DatabaseError(f"Cannot connect to PostgreSQL at {where}: "
+                            f"{without_password(str(exc).strip(), url)}. Check DATABASE_URL, "
+                            "or unset it to use the embedded server.") from None
     ensure_vector_extension(conn)
     register_vector(conn)
     conn.rollback()  # register_vector's lookup left a transaction open
@@ -88,8 +94,7 @@ def server_info(conn) -> dict:
 
 
 @guarded("reading the dimension of {table}")
-def table_dimension(conn, table: str) -> int | None:
-    """The dimension of `table.embedding`, or None when the table does not exist."""
+def table_dimension(conn, table: str) -> int | None:  # None: no such table
     with conn.cursor() as cur:
         cur.execute("SELECT a.atttypmod FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) "
                     "AND a.attname = 'embedding' AND NOT a.attisdropped", (regclass_text(table),))

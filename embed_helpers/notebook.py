@@ -45,6 +45,17 @@ def default_output() -> Path:
     return Path(load_settings().EMBED_RUNS_DIR) / f"run-{utc_stamp()}.ipynb"
 
 
+def _secrets_to_environment(parameters: dict) -> dict:
+    """Secrets given as parameters (`PARAMS="DATABASE_URL=..."`) reach the kernel through
+    its environment instead: papermill writes parameters into the executed notebook."""
+    import os
+    from .config import SECRET_NAMES
+    for name in SECRET_NAMES:
+        if name in parameters:
+            os.environ[name] = str(parameters.pop(name))
+    return parameters
+
+
 def run_notebook(params: Sequence[str] = (), out: Path | str | None = None,
                  notebook: Path = NOTEBOOK_PATH) -> tuple[Path, dict | None]:
     """Execute the notebook; return the executed notebook's path and its run report."""
@@ -52,7 +63,7 @@ def run_notebook(params: Sequence[str] = (), out: Path | str | None = None,
 
     out = Path(out).resolve() if out else default_output()
     out.parent.mkdir(parents=True, exist_ok=True)
-    parameters = dict(parse_param(p) for p in params)
+    parameters = _secrets_to_environment(dict(parse_param(p) for p in params))
     report_path = out.with_suffix(".report.json")
     parameters.setdefault("RUN_REPORT_PATH", str(report_path))
     log.info("executing %s -> %s", notebook, out)

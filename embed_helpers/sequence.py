@@ -38,11 +38,11 @@ def batch_size(settings, backend) -> int:
 class Sink(Protocol):
     """Where a driver wants the results of a run, called from the run's own thread."""
 
-    def deliver(self, done: Done) -> None:
-        """Rows completed (positions in the pieces), one vector each, and their chunks."""
+    def deliver(self, done: Done) -> None:  # rows completed, one vector each, their chunks
+        ...
 
-    def fail(self, rows: list[int], failure: Failure) -> None:
-        """Rows that get no vector, and why."""
+    def fail(self, rows: list[int], failure: Failure) -> None:  # rows with no vector, why
+        ...
 
 
 @dataclass
@@ -64,6 +64,15 @@ class Tally:
         self.sink_spans += other.sink_spans
 
 
+def take_or_lease(cache, identity: Identity, texts: list[str]):
+    """Just before paying for a batch: (vectors another run cached meanwhile, the texts this
+    run may embed, the texts another run is embedding right now: come back to them)."""
+    found = cache.get_many(identity, texts)
+    rest = [t for t in texts if t not in found]
+    leased = cache.lease(identity, rest) if rest else set()
+    return found, [t for t in rest if t in leased], [t for t in rest if t not in leased]
+
+
 class EmbedSequence:
     """One run's way to vectors: a backend, a cache (or None), the settings, and what the
     run has learned (the batch size that works, the dimension). Shared by the threads and
@@ -77,8 +86,7 @@ class EmbedSequence:
         self.clock, self.start = clock, clock()
         self.waiting = ""   # why the run is waiting now (for a progress bar), "" when not
 
-    def identity(self) -> Identity:
-        """What makes the vectors now (the dimension once known): the cache key's parts."""
+    def identity(self) -> Identity:  # what makes the vectors now: the cache key's parts
         return self.backend.identity(self.dimension.value)
 
     def now(self) -> float:
@@ -135,8 +143,7 @@ class _Pass:
 
     def loop(self, pool: ThreadPoolExecutor, slots: int, look_up: list[str]) -> None:
         """Requests first (the server starts at once), cache reads while they are in flight
-        (the next chunk read while this one goes to the sink), each finished batch settled
-        as soon as the next one is on its way."""
+        (one chunk read ahead), each batch settled once the next one is on its way."""
         inflight: dict[Future, list[str]] = {}
         chunks = deque(look_up[i:i + WRITE_CHUNK_ROWS]
                        for i in range(0, len(look_up), WRITE_CHUNK_ROWS))
@@ -194,16 +201,11 @@ class _Pass:
             self.fail_text(text, Failure(-1, preview(text), CACHE_ONLY_REASON))
 
     def embed(self, texts: list[str]):
-        """On a pool thread, just before paying: what another run cached meanwhile, a lease
-        on the rest (texts another run holds come back later), one resilient request."""
+        """On a pool thread: `take_or_lease`, then one resilient request for our texts."""
         seq, t0 = self.seq, self.seq.now()
         identity = seq.identity()
-        found, mine, held = {}, texts, []
-        if seq.cache is not None and identity.dim:
-            found = seq.cache.get_many(identity, texts)
-            rest = [t for t in texts if t not in found]
-            leased = seq.cache.lease(identity, rest) if rest else set()
-            mine, held = [t for t in rest if t in leased], [t for t in rest if t not in leased]
+        found, mine, held = take_or_lease(seq.cache, identity, texts) \
+            if seq.cache is not None and identity.dim else ({}, texts, [])
         vectors, failures = embed_resilient(seq.backend, mine, sizer=seq.sizer,
                                             dimension=seq.dimension) if mine else (None, [])
         if mine:
@@ -275,7 +277,8 @@ class _Pass:
         """Texts another run is embedding now: its vectors will be in the cache shortly
         (a dead run's leases expire: `cache/leases.py`). Look them up again after a pause."""
         texts, self.later = self.later, []
-        self.seq.waiting = f"waiting for {len(texts)} texts another run is embedding"
+        self.seq.waiting = self.seq.cache.lease_wait_reason() or \
+            f"waiting for {len(texts)} texts another run is embedding"
         log.warning("%s (their leases are held in the shared cache)", self.seq.waiting)
         self.tally.waits += 1
         time.sleep(CACHE_LEASE_POLL_S)

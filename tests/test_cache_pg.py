@@ -236,3 +236,20 @@ def test_open_cache_picks_the_store(make_settings, fresh_database, tmp_path):
         assert store.conn.info.dbname == parse_dsn(fresh_database)["dbname"]
     jsonl = open_cache(make_settings())
     assert isinstance(jsonl, EmbeddingCache) and jsonl.path == tmp_path / "cache.jsonl"
+
+
+def test_the_doctor_looks_in_the_file_and_the_table(pg, settings):
+    """A run sees two stores; a text in the one it does not use is `elsewhere`, named."""
+    from embed_helpers.cache.tools import visible_stores
+    jsonl = EmbeddingCache(settings.EMBED_CACHE_PATH)
+    put(jsonl, ["in the file"])
+    put(pg, ["in the table"])
+    nowhere = [Path(settings.EMBED_CACHE_PATH).parent / "nowhere"]
+    on_pg = doctor.diagnose(["in the file", "in the table", "nowhere"], identity=ID, store=pg,
+                            search_roots=nowhere, also=visible_stores(settings, pg))
+    assert [v.kind for v in on_pg.verdicts] == [doctor.ELSEWHERE, doctor.HIT, doctor.NOT_CACHED]
+    assert on_pg.verdicts[0].detail.startswith(f"cached in {jsonl.describe()[len('JSONL file '):]}")
+    on_file = doctor.diagnose(["in the file", "in the table"], identity=ID, store=jsonl,
+                              search_roots=nowhere, also=visible_stores(settings, jsonl))
+    assert [v.kind for v in on_file.verdicts] == [doctor.HIT, doctor.ELSEWHERE]
+    assert on_file.verdicts[1].detail.startswith(f"cached in {pg.describe()} (model")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,7 @@ from fake_server import FakeEmbeddingServer, LatencyModel, expected_vector
 
 from embed_helpers import db
 from embed_helpers.backends import get_backend
-from embed_helpers.cache.tools import open_cache
+from embed_helpers.cache.tools import carry_file, open_cache
 from embed_helpers.constants import PROJECT_ROOT, RAY_BATCHES_PER_BLOCK
 from embed_helpers.steps import Target
 from embed_helpers.errors import DatabaseError
@@ -313,3 +314,34 @@ def test_a_silently_truncating_server_is_measured_once_and_chunked_on_ray(make, 
     conn.rollback()
     texts = dict(zip(df["id"], df["text"]))
     assert spans and all(len(texts[i][s:e].encode()) <= 4 * 64 for i, s, e in spans)
+
+
+def test_switching_to_ray_after_a_local_run_with_the_jsonl_cache_pays_nothing(
+        make, servers, conn, table, caplog):
+    """`make run PARAMS="ENGINE=ray RESET_TABLE=True"` after a local run: the Ray engine's
+    table store gets what the JSONL file holds (once, then only what was appended)."""
+    settings = make(servers, EMBED_CACHE_BACKEND="jsonl")  # EMBED_CACHE_URL: this test's
+    local = run(frame(90), table, settings, conn)
+    assert local.texts_embedded == 90 and texts_sent(servers) == 90
+    for s in servers:
+        s.reset()
+    db.drop_table(conn, table)  # RESET_TABLE=True
+    with caplog.at_level("INFO", logger="embed_helpers.cache.tools"):
+        switched = run(frame(90), table, replace(settings, EMBED_ENGINE="ray"), conn)
+    assert switched.rows_written == 90 and switched.texts_embedded == 0
+    assert texts_sent(servers) == 0 and "90 new entries carried from" in caplog.text
+    assert stored(conn, table)["r7"][0] == "note 7 about visit 7"
+    np.testing.assert_allclose(stored(conn, table)["r7"][1],
+                               expected_vector("note 7 about visit 7", DIM), atol=1e-6)
+    # Five more rows through the local engine; the next Ray run carries those five only.
+    assert run(frame(95), table + "_b", settings, conn).texts_embedded == 95 - 90
+    for s in servers:
+        s.reset()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="embed_helpers.cache.tools"):
+        again = run(frame(95), table, replace(settings, EMBED_ENGINE="ray"), conn)
+    db.drop_table(conn, table + "_b")
+    assert again.rows_written == 5 and again.texts_embedded == 0 and texts_sent(servers) == 0
+    assert "5 new entries carried from" in caplog.text
+    with open_cache(make(servers)) as table_store:  # nothing left to carry: no file read
+        assert carry_file(settings.EMBED_CACHE_PATH, table_store) == 0 and len(table_store) == 95

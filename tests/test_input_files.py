@@ -14,7 +14,7 @@ from embed_helpers import db, readers, steps
 from embed_helpers.csv_rows import iter_csv_columns
 from embed_helpers.data import load_input
 from embed_helpers.errors import DataError
-from embed_helpers.synthea import _first_patients, load_synthea
+from embed_helpers.synthea import first_patients, load_synthea
 
 # The examples: an unquoted comma shifts the fields after it.
 RAGGED = {
@@ -99,8 +99,8 @@ def test_negative_or_zero_limits_are_refused(tmp_path):
             readers.read_columns(path, "id", "text", limit=bad)
     tables = load_synthea("data/sample/synthea")
     with pytest.raises(DataError, match="whole number of rows >= 1"):
-        _first_patients(tables, -5)
-    assert len(_first_patients(tables, 5)["patients"]) == 5
+        first_patients(tables, -5)
+    assert len(first_patients(tables, 5)["patients"]) == 5
 
 
 def test_parquet_and_folders_are_read_by_the_one_reader(tmp_path):

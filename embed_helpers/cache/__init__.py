@@ -6,8 +6,8 @@ two runs never pay for one batch, `leases`). `format` and `file_io` are the JSON
 lines and I/O, `facts` the small facts a team learns once (a server's window), `tools`
 opens the configured store and moves entries, `doctor` says why texts miss.
 """
-from .jsonl import CacheStats, EmbeddingCache
-from .store import CacheStore, MemoryStore
+from .jsonl import EmbeddingCache
+from .store import CacheStats, CacheStore, MemoryStore
 from .tools import open_cache
 
 __all__ = ["CacheStats", "CacheStore", "EmbeddingCache", "MemoryStore", "open_cache"]

@@ -8,7 +8,6 @@ or not the one the texts were written to.
 """
 from __future__ import annotations
 
-import os
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Iterable, Sequence
 from ..config import relative
 from ..constants import DOCTOR_SAMPLE, PREVIEW_CHARS, PROJECT_ROOT
 from ..identity import Identity
-from .file_io import scan_records
+from .file_io import find_caches, scan_records
 from .format import digest, text_sha256, variant_sha256
 
 HIT = "hit"
@@ -39,17 +38,15 @@ ADVICE = {
     VARIANT: "a text that differs only in case, whitespace or Unicode form is cached: the "
              "texts are built differently than in the run that filled the cache (check "
              "the cleaning and context steps, or the input file).",
-    ELSEWHERE: "the text is in another cache file: EMBED_CACHE_PATH points elsewhere than "
-               "in the run that wrote it (relative paths are taken from the project root).",
+    ELSEWHERE: "the text is in another store: a cache file (point EMBED_CACHE_PATH at it; "
+               "relative paths are from the project root, or `cache import FILE` it into the "
+               "table: the Ray engine does so with EMBED_CACHE_PATH), or the other of the "
+               "JSONL file and the PostgreSQL table.",
     CACHE_MISSING: "the cache file does not exist: a first run, another EMBED_CACHE_PATH, "
                    "or the file was deleted.",
     CACHE_EMPTY: "the cache file holds no valid entry.",
     NOT_CACHED: "never embedded under any settings in this cache: a genuine miss.",
 }
-#: Folders never searched for other cache files.
-SKIP_DIRS = {".git", ".venv", "venv", "node_modules", "__pycache__", ".pgdata",
-             ".ipynb_checkpoints", ".pytest_cache", ".tox", "site-packages"}
-_MAX_DEPTH, _MAX_OTHERS = 4, 20
 # Edits a notebook or a cleaning step may have applied: named for the report.
 _EDITS = {
     "surrounding whitespace stripped": str.strip,
@@ -102,7 +99,8 @@ class Diagnosis:
 
 
 def diagnose(texts: str | Sequence[str], *, identity: Identity, store,
-             sample: int = DOCTOR_SAMPLE, search_roots: Iterable[Path] | None = None) -> Diagnosis:
+             sample: int = DOCTOR_SAMPLE, search_roots: Iterable[Path] | None = None,
+             also: Sequence = ()) -> Diagnosis:
     """Say, per text, why a lookup under `identity` hits or misses in `store`.
 
     Args:
@@ -111,6 +109,8 @@ def diagnose(texts: str | Sequence[str], *, identity: Identity, store,
         store: an `EmbeddingCache` or a `PostgresCache`.
         search_roots: where to look for other JSONL cache files; default the project root
             and the current directory.
+        also: the other stores the run can see (`tools.visible_stores`), searched
+            for the texts `store` lacks.
     """
     chosen = _sample([texts] if isinstance(texts, str) else list(texts), sample)
     edits = {t: {name: text_sha256(edit(t)) for name, edit in _EDITS.items()} for t in chosen}
@@ -126,19 +126,14 @@ def diagnose(texts: str | Sequence[str], *, identity: Identity, store,
         diagnosis.verdicts.append(verdict)
         if verdict is None or verdict.kind == NOT_CACHED:
             pending.append(text)
-    others = {}
-    path = getattr(store, "path", None)
-    if pending and isinstance(path, Path):
-        roots = list(search_roots) if search_roots is not None else [PROJECT_ROOT, Path.cwd()]
-        hashes = {text_sha256(t) for t in pending}
-        for other in find_caches(roots, exclude=path.resolve()):
-            others[other] = _scan_file(other, hashes, set())
-            diagnosis.other_caches[relative(other)] = others[other]["lines"]
+    others = _elsewhere(store, pending, search_roots, also)
+    diagnosis.other_caches.update((name, o["lines"]) for name, o in others.items()
+                                  if o["lines"] is not None)
     for i, text in enumerate(chosen):
         verdict = diagnosis.verdicts[i]
         if verdict is not None and verdict.kind != NOT_CACHED:
             continue
-        where = [f"{relative(p)} ({_describe(s, identity)})" for p, o in others.items()
+        where = [f"{p} ({_describe(s, identity)})" for p, o in others.items()
                  for s in o["exact"].get(text_sha256(text), [])[:1]]
         if where:
             verdict = Verdict(_preview(text), ELSEWHERE, "cached in " + "; ".join(where))
@@ -147,6 +142,26 @@ def diagnose(texts: str | Sequence[str], *, identity: Identity, store,
             verdict = Verdict(_preview(text), kind, f"{store.describe()} is {state}")
         diagnosis.verdicts[i] = verdict
     return diagnosis
+
+
+def _elsewhere(store, pending: list[str], search_roots, also: Sequence) -> dict[str, dict]:
+    """Where else the pending texts are: the other stores, then the JSONL files under
+    `search_roots`; name as printed -> what `_search` found there."""
+    if not pending:
+        return {}
+    hashes, others = {text_sha256(t) for t in pending}, {}
+    seen = {Path(p).resolve() for p in (getattr(s, "path", None) for s in [store, *also])
+            if isinstance(p, Path)}
+    for extra in also:
+        found = _search(extra, hashes, set())
+        if found is not None:
+            path = getattr(extra, "path", None)
+            others[relative(path) if isinstance(path, Path) else extra.describe()] = found
+    roots = list(search_roots) if search_roots is not None else [PROJECT_ROOT, Path.cwd()]
+    for other in find_caches(roots):
+        if other not in seen:
+            others[relative(other)] = _scan_file(other, hashes, set())
+    return others
 
 
 def _judge(text: str, wanted: Identity, found: dict, edits: dict[str, str]) -> Verdict:
@@ -218,34 +233,6 @@ def _scan_file(path: Path, exact: set[str], variants: set[str]) -> dict:
     return found
 
 
-def find_caches(roots: Iterable[Path], exclude: Path | None = None) -> list[Path]:
-    """Cache files (`*.jsonl` whose first line is a cache entry) under `roots`."""
-    seen, result = set(), []
-    for root in roots:
-        root = Path(root).resolve()
-        for folder, dirs, files in os.walk(root):
-            depth = len(Path(folder).relative_to(root).parts)
-            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and depth < _MAX_DEPTH)
-            for name in sorted(files):
-                candidate = Path(folder, name).resolve()
-                if name.endswith(".jsonl") and candidate != exclude \
-                        and candidate not in seen and _looks_like_cache(candidate):
-                    seen.add(candidate)
-                    result.append(candidate)
-                    if len(result) >= _MAX_OTHERS:
-                        return result
-    return result
-
-
-def _looks_like_cache(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(200)
-    except OSError:
-        return False
-    return head.startswith(b'{"key":"') or (b'"key"' in head and b'"dim"' in head)
-
-
 def _sample(texts: list[str], n: int) -> list[str]:
     unique = list(dict.fromkeys(texts))
     if len(unique) <= n:
@@ -258,14 +245,15 @@ def _preview(text: str) -> str:
 
 
 def doctor_report(store, identity: Identity, texts: Sequence[str] | None = None,
-                  search_roots: Iterable[Path] | None = None) -> str:
+                  search_roots: Iterable[Path] | None = None, also: Sequence = ()) -> str:
     """`cache doctor`: the store, its entries per settings against yours, and, given texts,
     a verdict per text (`diagnose`)."""
     from .tools import format_stats, summary
     stats = summary(store)
     lines = format_stats(stats).splitlines()
     if texts:  # the diagnosis names the store itself; keep the entries per settings
-        diagnosis = diagnose(texts, identity=identity, store=store, search_roots=search_roots)
+        diagnosis = diagnose(texts, identity=identity, store=store, search_roots=search_roots,
+                             also=also)
         return "\n".join([diagnosis.report()] + lines[2:])
     lines.append(f"your settings: {identity.describe()}")
     mine = sum(g["entries"] for g in stats["by_settings"]

@@ -67,7 +67,7 @@ class FileFacts:
 
 
 class TableFacts:
-    """`get_fact` / `put_fact` for `cache_pg.PostgresCache` (uses its `conn`, `_lock`)."""
+    """`get_fact` / `put_fact` for `postgres.PostgresCache` (uses its `conn`, `_lock`)."""
 
     _facts_ready = False
 

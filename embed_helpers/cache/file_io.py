@@ -3,6 +3,7 @@
 Writers append under an exclusive `fcntl.flock`; readers take the shared lock only to learn
 how far the file is complete, then read without it. A compaction replaces the file by a
 rename: `lock_current` retries until it holds the lock of the file now at the path.
+`find_caches` looks for other cache files (the doctor's "elsewhere").
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from ..constants import SCAN_CHUNK_BYTES
 from .format import meta_at, vector_at
@@ -87,3 +88,38 @@ def scan_records(path: Path, vectors: bool = False) -> Iterator[tuple[int, dict 
             yield end, None
     finally:
         os.close(fd)
+
+
+#: Folders never searched for other cache files.
+SKIP_DIRS = {".git", ".venv", "venv", "node_modules", "__pycache__", ".pgdata",
+             ".ipynb_checkpoints", ".pytest_cache", ".tox", "site-packages"}
+#: How deep and how many other cache files the doctor looks for.
+_MAX_DEPTH, _MAX_OTHERS = 4, 20
+
+
+def find_caches(roots: Iterable[Path], exclude: Path | None = None) -> list[Path]:
+    """Cache files (`*.jsonl` whose first line is a cache entry) under `roots`."""
+    seen, result = set(), []
+    for root in roots:
+        root = Path(root).resolve()
+        for folder, dirs, files in os.walk(root):
+            depth = len(Path(folder).relative_to(root).parts)
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and depth < _MAX_DEPTH)
+            for name in sorted(files):
+                candidate = Path(folder, name).resolve()
+                if name.endswith(".jsonl") and candidate != exclude \
+                        and candidate not in seen and _looks_like_cache(candidate):
+                    seen.add(candidate)
+                    result.append(candidate)
+                    if len(result) >= _MAX_OTHERS:
+                        return result
+    return result
+
+
+def _looks_like_cache(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(200)
+    except OSError:
+        return False
+    return head.startswith(b'{"key":"') or (b'"key"' in head and b'"dim"' in head)

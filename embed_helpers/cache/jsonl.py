@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -24,27 +23,14 @@ from ..identity import Identity
 from .facts import FileFacts
 from .file_io import flocked, lock_current, raw_chunks, scan_records
 from .format import digest, encode_line, index_chunk, vector_at
+from .store import CacheStats
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class CacheStats:
-    entries: int
-    hits: int
-    misses: int
-    written: int
-    skipped_lines: int
-
-    @property
-    def hit_rate(self) -> float:
-        asked = self.hits + self.misses
-        return self.hits / asked if asked else 0.0
-
-
 class EmbeddingCache(FileFacts):
     """(identity, text) -> vector over one JSONL file; safe to share between threads and
-    processes on one machine (`cache_pg.PostgresCache` is shared by every machine).
+    processes on one machine (`postgres.PostgresCache` is shared by every machine).
 
     Args:
         path: the cache file; a relative path is taken from the project root.
@@ -159,6 +145,9 @@ class EmbeddingCache(FileFacts):
     def lease(self, identity: Identity, texts: Sequence[str]) -> set[str]:
         """Every text: a file on one machine keeps no leases (see `PostgresCache.lease`)."""
         return set(texts)
+
+    def lease_wait_reason(self) -> None:  # no leases: nobody to wait for
+        return None
 
     def dims(self, route: str, model: str, normalized: bool) -> list[int]:
         """Dimensions cached for this route, model and normalisation (no request needed)."""

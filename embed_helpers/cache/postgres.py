@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
 from dataclasses import replace
 from typing import Sequence
 
@@ -23,6 +22,7 @@ from ..db_guard import create_racing, guarded
 from ..identity import Identity
 from .facts import TableFacts
 from .format import text_sha256, variant_sha256
+from .leases import Leases
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,6 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
 CREATE INDEX IF NOT EXISTS {TABLE}_settings ON {TABLE} (model, route, normalized, dim);
 CREATE TABLE IF NOT EXISTS {TABLE}_leases (
     key bytea PRIMARY KEY, owner text NOT NULL, until timestamptz NOT NULL);
-"""
-# Texts a run is embedding right now: another run leaves them to it until the lease ends.
-LEASE_SQL = f"""
-INSERT INTO {TABLE}_leases (key, owner, until)
-SELECT k, %(o)s, now() + make_interval(secs => %(s)s) FROM unnest(%(k)s::bytea[]) AS u(k) ORDER BY k
-ON CONFLICT (key) DO UPDATE SET owner = EXCLUDED.owner, until = EXCLUDED.until
-WHERE {TABLE}_leases.until < now() OR {TABLE}_leases.owner = EXCLUDED.owner
-RETURNING key
 """
 # The distinct dimensions of one model without reading every entry: a loose index scan.
 DIMS_SQL = f"""
@@ -85,13 +77,14 @@ class PostgresCache(TableFacts):
         self.where = mask_url(where.DATABASE_URL) if where.DATABASE_URL else "the embedded server"
         self.conn = db.connect(where)
         self.conn.autocommit = False
-        self.owner = uuid.uuid4().hex
-        # Long enough for a batch in flight; a run that died frees its texts after it.
-        self.lease_s = min(2 * settings.EMBEDDING_TIMEOUT, CACHE_LEASE_MAX_S)
         self._lock = threading.RLock()
+        # Renewed while a batch is in flight; a run that died frees its texts in seconds.
+        self._leases = Leases(self.conn, self._lock,
+                              max_hold=min(2 * settings.EMBEDDING_TIMEOUT, CACHE_LEASE_MAX_S))
         self.hits = self.misses = self.written = 0
         with self._lock:
-            _create(self.conn)
+            if not tables_exist(self.conn):  # a role with table privileges only creates nothing
+                _create(self.conn)
 
     def describe(self) -> str:
         return f"PostgreSQL table {TABLE} ({self.where})"
@@ -119,13 +112,20 @@ class PostgresCache(TableFacts):
         return {by_key[bytes(r[0])] for r in rows}
 
     def lease(self, identity: Identity, texts: Sequence[str]) -> set[str]:
-        """The texts this run may embed now: those no other run holds a live lease on (a
-        lease lasts 2 x EMBEDDING_TIMEOUT, at most CACHE_LEASE_MAX_S, and storing the vectors
-        ends it). Two runs at the same time so never pay for the same batch twice."""
+        """The texts this run may embed now: those no other live run holds (see
+        `leases`: a dead run's are taken over; storing the vectors ends a lease). Two
+        runs at the same time so never pay for the same batch twice."""
         by_key = {bytes.fromhex(k): t for k, t in zip(identity.keys(texts), texts)}
-        with self._lock:
-            rows = _lease(self.conn, {"o": self.owner, "s": self.lease_s, "k": list(by_key)})
-        return {by_key[bytes(r[0])] for r in rows}
+        return {by_key[k] for k in self._leases.take(list(by_key))}
+
+    def lease_wait_reason(self) -> str | None:
+        """Why the last `lease` left texts to another run (for the progress bar), or None."""
+        return self._leases.wait_reason
+
+    @property
+    def owner(self) -> str:
+        """This store's lease holder: `host pid token`."""
+        return self._leases.owner
 
     def put_many(self, identity: Identity, texts: Sequence[str], vectors: np.ndarray) -> int:
         """Insert new entries in one statement (ending their leases); entries another
@@ -149,6 +149,7 @@ class PostgresCache(TableFacts):
                   "x": [np.ascontiguousarray(vectors[i], dtype="<f4").tobytes() for i in good]}
         with self._lock:
             written = _insert(self.conn, params)
+        self._leases.done(params["k"])
         self.written += written
         return written
 
@@ -223,10 +224,11 @@ class PostgresCache(TableFacts):
 
     @property
     def stats(self):
-        from .jsonl import CacheStats
+        from .store import CacheStats
         return CacheStats(-1, self.hits, self.misses, self.written, 0)
 
     def close(self) -> None:
+        self._leases.close()
         self.conn.close()
 
     def __enter__(self) -> "PostgresCache":
@@ -244,21 +246,35 @@ def _create(conn) -> None:
     create_racing(conn, SCHEMA)  # another machine may create it at the same moment
 
 
+@guarded("looking for the cache table")
+def tables_exist(conn) -> bool:
+    """Whether both tables are there (CREATE ... IF NOT EXISTS needs CREATE on the schema
+    even when they are)."""
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT to_regclass('{TABLE}') IS NOT NULL "
+                    f"AND to_regclass('{TABLE}_leases') IS NOT NULL")
+        found = cur.fetchone()[0]
+    conn.rollback()
+    return found
+
+
+def setup_sql(role: str) -> str:
+    """The SQL an administrator runs once per database so that `role` shares the cache
+    with table privileges only."""
+    if not role.replace("_", "").isalnum():
+        raise ValueError(f"a role name of letters, digits and _, got {role!r}")
+    return ("-- Run as a role that may create tables here, in the database the cache uses.\n"
+            "CREATE EXTENSION IF NOT EXISTS vector;\n" + SCHEMA.strip() + "\n"
+            f"GRANT USAGE ON SCHEMA public TO {role};\n"
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {TABLE}, {TABLE}_leases TO {role};\n")
+
+
 @guarded("reading the cache table")
 def _select(conn, query: str, params) -> list[tuple]:
     with conn.cursor() as cur:
         cur.execute(query, (params,) if isinstance(params, list) else params)
         rows = cur.fetchall()
     conn.rollback()
-    return rows
-
-
-@guarded("leasing texts in the cache table")
-def _lease(conn, params: dict) -> list[tuple]:
-    with conn.cursor() as cur:
-        cur.execute(LEASE_SQL, params)
-        rows = cur.fetchall()
-    conn.commit()
     return rows
 
 

@@ -1,11 +1,12 @@
 """What a cache store is: the methods the embedding sequence, the plan and the tools call.
 
 Two stores implement it, with the same keys (`identity.py`): the JSONL file
-(`cache.EmbeddingCache`, one machine) and the PostgreSQL table (`cache_pg.PostgresCache`,
+(`jsonl.EmbeddingCache`, one machine) and the PostgreSQL table (`postgres.PostgresCache`,
 a team). `MemoryStore` is the smallest complete one: a dict, for scripts and tests.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterator, Protocol, Sequence, runtime_checkable
 
@@ -20,6 +21,22 @@ ENTRY_FIELDS = ("route", "model", "dim", "normalized", "text_sha256", "variant_s
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """What a store did in this process (`entries` -1: the PostgreSQL store does not count)."""
+
+    entries: int
+    hits: int
+    misses: int
+    written: int
+    skipped_lines: int
+
+    @property
+    def hit_rate(self) -> float:
+        asked = self.hits + self.misses
+        return self.hits / asked if asked else 0.0
 
 
 @runtime_checkable
@@ -42,6 +59,9 @@ class CacheStore(Protocol):
         """The texts this run may embed now; the others another run is embedding (a store
         that cannot tell returns them all)."""
 
+    def lease_wait_reason(self) -> str | None:
+        """Why the last `lease` left texts to another run, in words (for a progress bar)."""
+
     def put_many(self, identity: Identity, texts: Sequence[str], vectors: np.ndarray) -> int:
         """Store vectors (and end their leases); returns how many entries are new."""
 
@@ -56,7 +76,7 @@ class CacheStore(Protocol):
 
     @property
     def stats(self):
-        """A `cache.CacheStats`: entries, hits, misses, written, lines skipped."""
+        """A `CacheStats`: entries, hits, misses, written, lines skipped."""
 
     def close(self) -> None:
         """Release the file or the connection."""
@@ -82,6 +102,9 @@ class MemoryStore:
 
     def lease(self, identity: Identity, texts: Sequence[str]) -> set[str]:
         return set(texts)
+
+    def lease_wait_reason(self) -> None:
+        return None
 
     def put_many(self, identity: Identity, texts: Sequence[str], vectors: np.ndarray) -> int:
         new = 0
@@ -113,7 +136,6 @@ class MemoryStore:
 
     @property
     def stats(self):
-        from .jsonl import CacheStats
         return CacheStats(len(self.data), 0, 0, len(self.data), 0)
 
     def close(self) -> None:

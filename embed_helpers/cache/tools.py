@@ -6,6 +6,7 @@ them through a JSONL file, e.g. to seed a team's database from a laptop.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import replace
@@ -35,13 +36,18 @@ def _postgres(settings: Settings):
 def for_engine(settings: Settings) -> Settings:
     """The settings with the cache store the engine can use: under EMBED_ENGINE=ray always
     the PostgreSQL table, since a cache file cannot be shared by workers on several
-    machines (said once, when another store is configured)."""
+    machines (said once, when another store is configured). What the file holds is carried
+    into the table on the way (`carry_file`), so switching engines pays for nothing again."""
     if settings.EMBED_ENGINE != "ray" or settings.EMBED_CACHE_BACKEND == "postgres":
         return settings
     log.warning("EMBED_CACHE_BACKEND=%s: a cache file cannot be shared by workers on several "
                 "machines; the Ray engine uses the PostgreSQL cache table instead "
                 "(EMBED_CACHE_URL, else the run's database)", settings.EMBED_CACHE_BACKEND)
-    return replace(settings, EMBED_CACHE_BACKEND="postgres")
+    table = replace(settings, EMBED_CACHE_BACKEND="postgres")
+    if Path(settings.EMBED_CACHE_PATH).is_file():
+        with _postgres(table) as store:
+            carry_file(settings.EMBED_CACHE_PATH, store)
+    return table
 
 
 def open_cache(settings: Settings):
@@ -80,6 +86,80 @@ def import_entries(path: Path | str, store) -> int:
             written += store.put_entries(batch)
             batch = []
     return written + store.put_entries(batch)
+
+
+def carry_file(path: Path | str, store) -> int:
+    """Import the JSONL cache file at `path` into the PostgreSQL `store`: the whole file the
+    first time, then only the lines appended since (a marker beside the file remembers, per
+    table, how far it got; a compacted or replaced file is read again, and entries the table
+    holds cost nothing: ON CONFLICT DO NOTHING). Returns the entries new to the table."""
+    path = project_path(path)
+    marker = path.with_name(f".{path.name}.carried.json")
+    stat, target = path.stat(), _table_key(store)
+    try:
+        done = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        done = {}
+    seen = done.get(target, {})
+    same = seen.get("inode") == stat.st_ino and seen.get("offset", 0) <= stat.st_size
+    start = seen["offset"] if same else 0  # a file compacted, replaced or cut: read it all
+    if start >= stat.st_size:
+        return 0
+    written, batch, torn = 0, [], None
+    for offset, record in scan_records(path, vectors=True):
+        if offset < start or offset >= stat.st_size:
+            continue
+        torn = offset if record is None else None  # a last line being written: read it again
+        if record is not None and record["vector"] is not None:
+            batch.append(record)
+        if len(batch) >= CACHE_TRANSFER_ROWS:
+            written, batch = written + store.put_entries(batch), []
+    written += store.put_entries(batch)
+    end = stat.st_size if torn is None else torn
+    done[target] = {"inode": stat.st_ino, "offset": end}
+    try:
+        marker.write_text(json.dumps(done))
+    except OSError as exc:  # a read-only folder: the next run reads the file again
+        log.debug("cache: cannot write %s: %s", marker, exc)
+    (log.warning if written else log.info)(
+        "cache: %d new entries carried from %s into %s (later runs carry only what is "
+        "appended to the file)", written, relative(path), store.describe())
+    return written
+
+
+def _table_key(store) -> str:
+    """Which table a store is: server, database and the table's oid (a table dropped and
+    made again is another), hashed: the marker holds no name of the machine."""
+    import hashlib
+    info = store.conn.info
+    with store.conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('embedding_cache')::oid")
+        oid = cur.fetchone()[0]
+    store.conn.rollback()
+    return hashlib.sha256(f"{info.host}:{info.port}/{info.dbname}/{oid}".encode()).hexdigest()[:16]
+
+
+def visible_stores(settings: Settings, store) -> list:
+    """The stores other than `store` a run with these settings can see, for the doctor:
+    the JSONL file beside the PostgreSQL table, or the table (when it exists) beside the
+    file. One that cannot be opened is left out, said at debug level."""
+    from .errors import EmbedHelpersError
+    if getattr(store, "conn", None) is not None:
+        path = Path(settings.EMBED_CACHE_PATH)
+        return [EmbeddingCache(path, read_only=True)] if path.is_file() else []
+    if not (settings.DATABASE_URL or settings.EMBED_CACHE_URL
+            or Path(settings.EMBED_PGDATA, "PG_VERSION").is_file()):
+        return []
+    from . import db
+    from .postgres import tables_exist, cache_settings
+    try:
+        conn = db.connect(cache_settings(settings))
+        found = tables_exist(conn)
+        conn.close()
+        return [_postgres(settings)] if found else []
+    except EmbedHelpersError as exc:
+        log.debug("doctor: the cache table cannot be read: %s", exc)
+        return []
 
 
 def summary(store) -> dict:

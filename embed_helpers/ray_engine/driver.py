@@ -16,7 +16,6 @@ import logging
 import time
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
@@ -27,6 +26,7 @@ from ..errors import ConfigError, EmbedHelpersError
 from ..plan import Plan
 from ..report import RunReport, start_report
 from ..resilient import Failure
+from .cluster import join, quiet_our_errors, without_rays_note
 from .worker import BlockWorker
 
 log = logging.getLogger(__name__)
@@ -95,11 +95,11 @@ def _start(ray, settings: Settings) -> float:
         logging.getLogger(name).setLevel(logging.ERROR)
     if not ray.is_initialized():
         if settings.RAY_ADDRESS:
-            ray.init(address=settings.RAY_ADDRESS, log_to_driver=False,
-                     runtime_env={"py_modules": [str(Path(__file__).parent.parent)]})
+            join(ray, settings.RAY_ADDRESS)  # with the cluster's token, when it has one
         else:
             ray.init(include_dashboard=False, object_store_memory=RAY_OBJECT_STORE_BYTES,
                      log_to_driver=False, configure_logging=False)
+    quiet_our_errors(_our_error)  # ours reach the user once, without Ray's traceback
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.raise_original_map_exception = True  # our errors say what to do; keep them
@@ -155,7 +155,7 @@ def _collect(dataset, report: RunReport, failures: list[dict], progress: bool,
     except Exception as exc:  # Ray wraps our errors: show ours, not Ray's traceback
         ours = _our_error(exc)
         if ours is not None:
-            raise ours from None
+            raise without_rays_note(ours) from None
         raise
     finally:
         bar.close()
