@@ -197,6 +197,8 @@ CACHE_ACTIONS = {
     "compact": "rewrite the JSONL cache without duplicate keys and torn lines",
     "export": "write the cache's entries to a JSONL file (--to FILE.jsonl)",
     "import": "add the entries of a JSONL file to the configured cache",
+    "setup-sql": "print the SQL an administrator runs to create the shared cache tables and "
+                 "grant them to a role that has no CREATE on the schema",
 }
 
 

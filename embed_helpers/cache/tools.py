@@ -143,14 +143,14 @@ def visible_stores(settings: Settings, store) -> list:
     """The stores other than `store` a run with these settings can see, for the doctor:
     the JSONL file beside the PostgreSQL table, or the table (when it exists) beside the
     file. One that cannot be opened is left out, said at debug level."""
-    from .errors import EmbedHelpersError
+    from ..errors import EmbedHelpersError
     if getattr(store, "conn", None) is not None:
         path = Path(settings.EMBED_CACHE_PATH)
         return [EmbeddingCache(path, read_only=True)] if path.is_file() else []
     if not (settings.DATABASE_URL or settings.EMBED_CACHE_URL
             or Path(settings.EMBED_PGDATA, "PG_VERSION").is_file()):
         return []
-    from . import db
+    from .. import db
     from .postgres import tables_exist, cache_settings
     try:
         conn = db.connect(cache_settings(settings))
