@@ -230,3 +230,11 @@ def test_a_hosted_api_run_sends_no_probe(fake_server, tmp_path, conn, table):
     assert result.returncode == 0, result.stderr
     assert fake_server.total_requests() == 10 and fake_server.total_texts() == 1000
     assert db.table_dimension(conn, table) == 32  # created when the first batch said it
+
+
+def test_output_piped_to_head_is_no_error(tmp_path):
+    """`... | head` closes the pipe before we write: no BrokenPipeError, exit 0."""
+    done = subprocess.run(["bash", "-c", "set -o pipefail; \"$0\" -m embed_helpers cache setup-sql"
+                           " | head -c 0", sys.executable], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)))
+    assert done.returncode == 0 and "BrokenPipe" not in done.stderr, done.stderr

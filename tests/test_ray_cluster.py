@@ -104,7 +104,15 @@ def test_ingest_on_a_token_cluster_and_our_errors_without_rays_traceback(
         assert done.returncode == 0, done.stderr[-3000:]
         assert "30 rows written" in done.stdout and server.total_texts() == 30
         assert db.count_rows(conn, table)["rows"] == 30
-        refused = ingest(bad, RAY_AUTH_TOKEN=token)
-    assert refused.returncode == 1 and "have no id" in refused.stderr
-    assert "Traceback" not in refused.stderr and len(refused.stderr.splitlines()) <= 5, \
-        refused.stderr[-3000:]
+        unread = ingest(bad, RAY_AUTH_TOKEN=token)  # refused on the driver, before Ray
+        with conn.cursor() as cur:  # an error raised in a worker: the database refuses a row
+            cur.execute(f'ALTER TABLE "{table}" ADD CONSTRAINT no_r77 CHECK (id <> \'r77\')')
+        conn.commit()
+        more = tmp_path / "more.csv"
+        pd.DataFrame({"id": ["r77"], "text": ["note 77"]}).to_csv(more, index=False)
+        refused = ingest(more, RAY_AUTH_TOKEN=token)
+    assert unread.returncode == 1 and "have an empty id" in unread.stderr
+    assert refused.returncode == 1 and "no_r77" in refused.stderr
+    for done in (unread, refused):
+        assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) <= 5, \
+            done.stderr[-3000:]
