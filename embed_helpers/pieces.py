@@ -170,32 +170,39 @@ class Assembly:
             return self._deliver(texts, vectors)
 
     def _deliver(self, texts: list[str], vectors: np.ndarray) -> "Done":
-        rows, row_vectors, chunks, spans = [], [], [], self.pieces.spans
-        for text, vector in zip(texts, vectors):
+        rows, picks, means, chunks, spans = [], [], [], [], self.pieces.spans
+        for i, text in enumerate(texts):
             for row, k in self.pieces.where(text):
                 if row in self._settled:
                     continue
-                if len(spans[row]) == 1:
+                if len(spans[row]) == 1:  # most rows: their vector is picked below, at once
                     self._settled.add(row)  # a text delivered twice completes its row once
+                    picks.append((len(rows), i))
                     rows.append(row)
-                    row_vectors.append(vector)
                     continue
                 parts = self._parts.setdefault(row, [None] * len(spans[row]))
                 if parts[k] is None:
-                    parts[k] = vector
+                    parts[k] = vectors[i]
                     self._missing[row] -= 1
                 if self._missing[row] == 0:
                     stacked = np.stack(self._parts.pop(row))
                     self._settled.add(row)
+                    means.append((len(rows), mean_vector(stacked)))
                     rows.append(row)
-                    row_vectors.append(mean_vector(stacked))
                     chunks += [(row, k, *spans[row][k], stacked[k]) for k in range(len(stacked))]
-        dim = vectors.shape[1] if len(vectors) else 0
-        return Done(rows, np.asarray(row_vectors, dtype=np.float32).reshape(len(rows), dim), chunks)
+        out = np.empty((len(rows), vectors.shape[1] if len(vectors) else 0), dtype=np.float32)
+        if picks:
+            at, source = zip(*picks)
+            out[list(at)] = vectors[list(source)]
+        for at, vector in means:
+            out[at] = vector
+        return Done(rows, out, chunks)
 
     def deliver_found(self, found: dict[str, np.ndarray]) -> "Done":
         """`deliver` for the {text: vector} a cache lookup returns."""
-        return self.deliver(list(found), np.array(list(found.values()), dtype=np.float32))
+        vectors = np.stack(list(found.values())).astype(np.float32, copy=False) if found \
+            else np.empty((0, 0), dtype=np.float32)
+        return self.deliver(list(found), vectors)
 
     def fail(self, text: str) -> list[int]:
         """Rows that can no longer be completed because `text` got no vector."""

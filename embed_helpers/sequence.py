@@ -89,7 +89,7 @@ class EmbedSequence:
     def identity(self) -> Identity:  # what makes the vectors now: the cache key's parts
         return self.backend.identity(self.dimension.value)
 
-    def now(self) -> float:
+    def now(self) -> float:  # seconds since the sequence was made
         return self.clock() - self.start
 
     def run(self, pieces: Pieces, sink: Sink, *, slots: int | None = None,
@@ -136,8 +136,7 @@ class _Pass:
         self.refused: list[tuple[str, Failure]] = []   # too long for the window a server stated
         self.brake = bool(seq.settings.EMBED_CACHE_ONLY)
 
-    def fail_known(self) -> None:
-        """Rows that fail before any request (long texts under EMBED_LONG_TEXTS=fail)."""
+    def fail_known(self) -> None:  # long texts under EMBED_LONG_TEXTS=fail: before any request
         for row, reason in self.pieces.failed:
             self.sink.fail([row], Failure(-1, preview(self.pieces.row_texts[row]), reason))
 
@@ -160,10 +159,10 @@ class _Pass:
                             del inflight[future]
                             self.settle(*future.result())
                     elif reads:
-                        texts, found = reads.popleft().result()
+                        done = reads.popleft().result()
                         if chunks:
                             reads.append(reader.submit(self.read, chunks.popleft()))
-                        self.took(texts, found)
+                        self.took(*done)
                     elif inflight:
                         wait(inflight, return_when=FIRST_COMPLETED)
                     elif self.cutter:   # the cache-only brake holds these
@@ -179,24 +178,25 @@ class _Pass:
                 for future in [*inflight, *reads]:
                     future.cancel()
 
-    def read(self, texts: list[str]) -> tuple[list[str], dict[str, np.ndarray]]:
-        """On the reader thread: the cached vectors of `texts`."""
-        seq = self.seq
-        found = seq.cache.get_many(seq.identity(), texts) \
-            if seq.cache is not None and seq.dimension.value else {}
-        return texts, found
+    def read(self, texts: list[str]):
+        """On the reader thread: the cached vectors of `texts`, stacked, and the rest."""
+        found = self.seq.cache.get_many(self.seq.identity(), texts) \
+            if self.seq.cache is not None and self.seq.dimension.value else {}
+        hit = [t for t in texts if t in found]
+        vectors = np.stack([found[t] for t in hit]) if hit else None
+        return hit, vectors, [t for t in texts if t not in found]
 
-    def took(self, texts: list[str], found: dict[str, np.ndarray]) -> None:
+    def took(self, hit: list[str], vectors, missing: list[str]) -> None:
         """Cached vectors to the sink; the texts the cache lacks queued to send (or refused)."""
-        self.deliver_found(found)
-        missing = [t for t in texts if t not in found]
+        if hit:
+            self.tally.hits += len(hit)
+            self.to_sink(self.assembly.deliver(hit, vectors))
         if self.brake:
             self.refuse(missing)
         else:
             self.cutter.add(missing)
 
-    def refuse(self, texts: list[str]) -> None:
-        """EMBED_CACHE_ONLY: a text the cache lacks fails its rows; nothing is sent."""
+    def refuse(self, texts: list[str]) -> None:  # EMBED_CACHE_ONLY: a miss fails its rows
         for text in texts:
             self.fail_text(text, Failure(-1, preview(text), CACHE_ONLY_REASON))
 
