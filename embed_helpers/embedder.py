@@ -74,8 +74,10 @@ class Embedder:
         self._calls = self._batches = self._gathered = 0
         self._before = self.backend.stats()
         self._queue: queue.Queue = queue.Queue()
-        self._slots = threading.Semaphore(self.backend.slots)
-        self._pool = ThreadPoolExecutor(self.backend.slots, thread_name_prefix="embedder")
+        # One batch more than the server's slots: while one is settled (cached, handed to
+        # its callers) or gathered, the server already has the next.
+        self._slots = threading.Semaphore(self.backend.slots + 1)
+        self._pool = ThreadPoolExecutor(self.backend.slots + 1, thread_name_prefix="embedder")
         self._dispatcher = threading.Thread(target=self._dispatch, name="embedder-gather",
                                             daemon=True)
         self._dispatcher.start()

@@ -77,6 +77,8 @@ def run_local(plan: Plan, *, conn, backend, cache, settings, progress: bool = Tr
     def close(error=None) -> RunReport:
         bar.close()
         report.add_requests(backend, before)
+        if error is not None:  # the bill so far: probes and earlier steps included
+            report.close_bill(backend)
         report.dim = sequence.dimension.value or 0
         return report.close([f.record() for f in sink.failures], settings, wall=sequence.now(),
                             cache=cache, error=error)

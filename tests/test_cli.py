@@ -238,3 +238,18 @@ def test_output_piped_to_head_is_no_error(tmp_path):
                            " | head -c 0", sys.executable], capture_output=True, text=True,
                           timeout=60, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)))
     assert done.returncode == 0 and "BrokenPipe" not in done.stderr, done.stderr
+
+
+def test_a_notebook_run_that_dies_midway_leaves_its_bill(tmp_path, table):
+    """The server goes away during Step 9b: `make run` stops, and the report it saved counts
+    every request the run sent (the probes of Steps 6 and 8 included), as the server did."""
+    with FakeEmbeddingServer(32, fail_after=3) as server:
+        done = cli("run", "--param", "LIMIT=40", "--param", f"TABLE_NAME={table}",
+                   "--param", "STEP9_ROWS=0", "--param", "EMBED_BATCH_SIZE=8",
+                   "--param", "EMBED_MAX_RETRIES=1", "--out", str(tmp_path / "out.ipynb"),
+                   env=cli_env(server, tmp_path, EMBED_RUNS_DIR=tmp_path / "runs"), cwd=tmp_path)
+        assert done.returncode == 1 and "server is failing" in done.stderr, done.stderr[-2000:]
+        [saved] = (tmp_path / "runs").glob("report-*.json")
+        report = json.loads(saved.read_text())
+        assert report["error"] and report["requests_total"] == server.total_requests()
+        assert report["texts_total"] == server.total_texts() > 0
