@@ -69,6 +69,7 @@ def run_local(plan: Plan, *, conn, backend, cache, settings, progress: bool = Tr
                              dimension=Dimension(plan.identity.dim, plan.dim_source or "EMBEDDING_DIM"))
     bar = tqdm(total=len(plan.todo), unit="row", desc="Step 9b", disable=not progress)
     sink = TableSink(plan, conn, settings, report, sequence, bar)
+    sequence.on_wait = lambda reason: bar.set_postfix_str(reason)  # shown while it waits
     sink.table_ready = bool(plan.identity.dim) and db.table_dimension(conn, plan.target.table) \
         == plan.identity.dim
     sink.failures += [Failure(-1, "", reason, None, row_id) for row_id, reason in plan.rows.invalid]

@@ -38,11 +38,9 @@ def batch_size(settings, backend) -> int:
 class Sink(Protocol):
     """Where a driver wants the results of a run, called from the run's own thread."""
 
-    def deliver(self, done: Done) -> None:  # rows completed, one vector each, their chunks
-        ...
+    def deliver(self, done: Done) -> None: ...  # rows completed, a vector each, their chunks
 
-    def fail(self, rows: list[int], failure: Failure) -> None:  # rows with no vector, why
-        ...
+    def fail(self, rows: list[int], failure: Failure) -> None: ...  # rows with no vector, why
 
 
 @dataclass
@@ -84,7 +82,7 @@ class EmbedSequence:
         self.dimension = dimension or Dimension()
         self.sizer = sizer or BatchSizer(batch_size(settings, backend))
         self.clock, self.start = clock, clock()
-        self.waiting = ""   # why the run is waiting now (for a progress bar), "" when not
+        self.waiting, self.on_wait = "", None  # why it waits now; a callback shown that reason
 
     def identity(self) -> Identity:  # what makes the vectors now: the cache key's parts
         return self.backend.identity(self.dimension.value)
@@ -281,6 +279,8 @@ class _Pass:
             f"waiting for {len(texts)} texts another run is embedding"
         log.warning("%s (their leases are held in the shared cache)", self.seq.waiting)
         self.tally.waits += 1
+        if self.seq.on_wait:
+            self.seq.on_wait(self.seq.waiting)
         time.sleep(CACHE_LEASE_POLL_S)
         self.seq.waiting = ""
         self.cutter.add(texts)
