@@ -63,8 +63,7 @@ class Tally:
 
 
 def take_or_lease(cache, identity: Identity, texts: list[str]):
-    """Just before paying for a batch: (vectors another run cached meanwhile, the texts this
-    run may embed, the texts another run is embedding right now: come back to them)."""
+    """Before paying: (vectors cached meanwhile, texts ours to embed, texts another run holds)."""
     found = cache.get_many(identity, texts)
     rest = [t for t in texts if t not in found]
     leased = cache.lease(identity, rest) if rest else set()
@@ -212,8 +211,7 @@ class _Pass:
 
     def settle(self, found: dict, texts: list[str], vectors, failures: list[Failure],
                held: list[str]) -> None:
-        """A batch back: cache its good vectors first (a crash before the table finds them
-        there next time), give up the rows of failed texts, hand the rest to the sink."""
+        """A batch back: cache its vectors first (a crash then finds them), settle the rows."""
         self.deliver_found(found)
         self.later += held
         if not texts:
@@ -242,21 +240,23 @@ class _Pass:
             self.sink.fail(rows, failure)
 
     def to_sink(self, done: Done) -> None:
+        if self.seq.waiting:  # rows land again: the wait is over
+            self.seq.waiting = ""
+            if self.seq.on_wait:
+                self.seq.on_wait("")
         if done.rows:
             t0 = self.seq.now()
             self.sink.deliver(done)
             self.tally.sink_spans.append((t0, self.seq.now()))
 
     def can_split_again(self, failure: Failure) -> bool:
-        """A text the server refused as longer than the window it states, smaller than the
-        one we cut by: with EMBED_LONG_TEXTS=chunk its rows are split again, never dropped."""
+        """Refused as longer than a window the server states (chunk policy): split again."""
         window = self.seq.backend.window
         return bool(failure.limit) and self.seq.settings.EMBED_LONG_TEXTS == "chunk" \
             and failure.limit - specials(window.counter) < window.max_tokens
 
     def split_again(self) -> None:
-        """The rows of refused texts, cut to the window the server stated (which the backend
-        keeps for the rest of the run), run through the sequence as rows of their own."""
+        """Rows of refused texts, cut to the stated window (kept by the backend), run again."""
         limit = min(f.limit for _t, f in self.refused)
         window = replace(self.seq.backend.window, origin="server",
                          max_tokens=max(limit - specials(self.seq.backend.window.counter), 1),
@@ -272,17 +272,17 @@ class _Pass:
         self.seq.run(pieces, _Renumbered(self.sink, rows), slots=1, tally=self.tally)
 
     def wait_for_others(self) -> None:
-        """Texts another run is embedding now: its vectors will be in the cache shortly
-        (a dead run's leases expire: `cache/leases.py`). Look them up again after a pause."""
+        """Another run is embedding these (a dead run's leases expire): look again soon."""
         texts, self.later = self.later, []
-        self.seq.waiting = self.seq.cache.lease_wait_reason() or \
+        reason = self.seq.cache.lease_wait_reason() or \
             f"waiting for {len(texts)} texts another run is embedding"
-        log.warning("%s (their leases are held in the shared cache)", self.seq.waiting)
+        if reason != self.seq.waiting:  # said once, not at every poll
+            log.warning("%s (their leases are held in the shared cache)", reason)
+        self.seq.waiting = reason
         self.tally.waits += 1
         if self.seq.on_wait:
             self.seq.on_wait(self.seq.waiting)
         time.sleep(CACHE_LEASE_POLL_S)
-        self.seq.waiting = ""
         self.cutter.add(texts)
 
 
