@@ -24,8 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
+from . import windows
 from .errors import EmbeddingFailures
-from .pieces import Pieces
 from .resilient import Failure, preview
 from .sequence import EmbedSequence, Tally, batch_size
 from .steps import is_missing
@@ -155,8 +155,8 @@ class Embedder:
     def _send(self, batch: list[tuple[str, Future]]) -> None:
         texts, futures = [t for t, _ in batch], [f for _, f in batch]
         try:
-            pieces = Pieces([str(i) for i in range(len(texts))], texts, self.backend.window,
-                            self.settings.EMBED_LONG_TEXTS, self.settings.EMBED_CHUNK_OVERLAP)
+            pieces = windows.pieces_for(self.backend, self.cache, self.settings,
+                                        [str(i) for i in range(len(texts))], texts)
             tally = self.sequence.run(pieces, _Callers(texts, futures), slots=1)
             with self._lock:
                 self.tally.add(tally)

@@ -105,9 +105,8 @@ class _Vectors:
 
 def _embed_texts(texts: list[str], backend, settings, cache) -> EmbedResult:
     keep = [i for i, t in enumerate(texts) if not is_missing(t)]
-    windows.settle(backend, cache, [texts[i] for i in keep])  # the window, before any Pieces
-    pieces = Pieces([str(i) for i in keep], [texts[i] for i in keep], backend.window,
-                    settings.EMBED_LONG_TEXTS, settings.EMBED_CHUNK_OVERLAP)
+    pieces = windows.pieces_for(backend, cache, settings, [str(i) for i in keep],
+                                [texts[i] for i in keep])
     dim, source = steps.known_dimension(settings, backend.identity(), cache=cache)
     sequence = EmbedSequence(backend, cache, settings,
                              dimension=Dimension(dim, source or "EMBEDDING_DIM"))

@@ -185,3 +185,12 @@ def assumed_warning(window: Window, texts) -> str | None:
 
 __all__ = ["ORIGINS", "counter_for", "same_model", "check_answer", "server_says",
            "from_refusal", "settle"]
+
+
+def pieces_for(backend, cache, settings, ids: list[str], texts: list[str]):
+    """The rows as the texts to send, cut to the backend's window settled first (`settle`:
+    the fact in `cache`, or one measurement): what every driver without a plan cuts with."""
+    from .pieces import Pieces
+    settle(backend, cache, texts)
+    return Pieces(ids, texts, backend.window, settings.EMBED_LONG_TEXTS,
+                  settings.EMBED_CHUNK_OVERLAP)

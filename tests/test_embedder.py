@@ -113,3 +113,21 @@ def test_threads_and_langchain_faces(server, settings_for):
     with Embedder(settings_for(), cache=None) as embedder, \
             pytest.raises(EmbeddingFailures, match="empty text"):
         embedder.embed("   ")
+
+
+def test_the_embedder_learns_a_silent_servers_window_and_chunks_like_batch_embed(
+        make_settings):
+    """The window is settled before a batch is cut, as for every other driver: a server
+    that cuts at 64 tokens without saying so is measured once, and a long text is chunked."""
+    with FakeEmbeddingServer(DIM, truncate_at=64, known_models={"acme"}) as server:
+        settings = make_settings(EMBEDDING_BACKEND="llm_api", OPENAI_BASE_URL=server.openai_url,
+                                 OPENAI_EMBED_MODEL="acme", EMBED_CHUNK_OVERLAP=4)
+        long = " ".join(f"Finding {n} of the note is stable." for n in range(40))
+        with Embedder(settings, cache=MemoryStore()) as embedder:
+            vector = embedder.embed(long)
+            assert embedder.backend.window.origin == "measured"
+        sent = [t for body in server.bodies for t in body["input"]]
+        with get_backend(settings) as backend:
+            expected = batch_embed([long], backend, cache=MemoryStore()).vectors[0]
+    assert long not in sent[-3:] and len(sent) > 3  # the text went in chunks, not whole
+    np.testing.assert_allclose(vector, expected, atol=1e-6)

@@ -74,6 +74,12 @@ class CacheStore(Protocol):
     def put_entries(self, entries: Sequence[dict]) -> int:
         """Store exported entries as they are; returns how many are new."""
 
+    def get_fact(self, key: str):
+        """A small fact learned once and shared (a server's measured window), or None."""
+
+    def put_fact(self, key: str, value) -> None:
+        """Remember a fact for every run that uses this store."""
+
     @property
     def stats(self):
         """A `CacheStats`: entries, hits, misses, written, lines skipped."""
@@ -90,6 +96,7 @@ class MemoryStore:
     def __init__(self):
         self.data: dict[str, np.ndarray] = {}
         self.meta: dict[str, dict] = {}
+        self.facts: dict[str, object] = {}
 
     def describe(self) -> str:
         return f"in memory ({len(self.data)} entries)"
@@ -105,6 +112,12 @@ class MemoryStore:
 
     def lease_wait_reason(self) -> None:
         return None
+
+    def get_fact(self, key: str):
+        return self.facts.get(key)
+
+    def put_fact(self, key: str, value) -> None:
+        self.facts[key] = value
 
     def put_many(self, identity: Identity, texts: Sequence[str], vectors: np.ndarray) -> int:
         new = 0

@@ -56,10 +56,8 @@ class BlockWorker:
         t0 = time.perf_counter()
         before = self.backend.stats()
         texts = [str(t) for t in batch["text"]]
-        windows.settle(self.backend, self.sequence.cache, texts)  # the fact, or one measurement
-        pieces = Pieces([str(i) for i in batch["id"]], texts,
-                        self.backend.window, self.settings.EMBED_LONG_TEXTS,
-                        self.settings.EMBED_CHUNK_OVERLAP)
+        pieces = windows.pieces_for(self.backend, self.sequence.cache, self.settings,
+                                    [str(i) for i in batch["id"]], texts)
         sink, tally = BlockSink(pieces), Tally()
         self.sequence.run(pieces, sink, slots=self.concurrency, tally=tally)
         done = Done.merge(sink.parts)
