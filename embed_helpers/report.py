@@ -168,7 +168,8 @@ class RunReport:
         if self.requests_total is None:
             return []
         others = self.requests_total - self.requests
-        return [f"bill: {self.requests_total} requests, {self.texts_total} texts sent in all: "
+        return [f"bill: {plural(self.requests_total, 'request')}, "
+                f"{plural(self.texts_total, 'text')} sent in all: "
                 f"{self.requests} by Step 9b, {others} by the other steps (the probes, Step 9's "
                 f"sample, the helpers' demo, searches, the parity check)"]
 
