@@ -26,9 +26,10 @@ venv: $(STAMP)
 run: $(RUN_NEEDS)
 	$(PY) -m embed_helpers run $(if $(PARAMS),$(foreach p,$(PARAMS),--param $(p)))
 
-## The whole suite: unit and integration tests, doctests, and nbval on the notebook.
+## The whole suite: unit and integration tests, doctests, and nbval on the notebook, on
+## one worker per core (at most 4; see conftest.py for what stays together).
 test: $(STAMP) $(RAY_STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadgroup
 
 ## Benchmarks (print tables; see GUIDE.md).
 bench: $(STAMP) $(RAY_STAMP)

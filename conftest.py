@@ -13,6 +13,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import pytest
 from psycopg2.extensions import make_dsn
 
 from embed_helpers.config import load_settings
@@ -59,10 +60,25 @@ def _session_database() -> str:
     return dsn
 
 
-    return True
-
-
 os.environ["DATABASE_URL"] = _session_database()
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core, at most 4 (each has its own database; more only
+    compete for the same PostgreSQL and the same Ray)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """With `--dist loadgroup`, a file's tests stay on one worker, in order (the notebook's
+    cells need one kernel, modules share their fixtures), and every Ray test runs on the
+    same worker: two Ray clusters at once on a small machine only time each other out."""
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        names = [item.path.stem, item.name.split("[")[0], *getattr(item, "fixturenames", ())]
+        ray = any("ray" in name.split("_") for name in names)  # test_engine_ray, local_ray...
+        item.add_marker(pytest.mark.xdist_group("ray" if ray else str(item.path)))
 
 
 def pytest_report_header(config):
