@@ -193,9 +193,11 @@ LONGEST_DERIVED_SUFFIX = "_chunks_embedding_hnsw"
 #: The share of a stated budget the governor paces to: the rest absorbs a request that
 #: straddles the server's window and the count of our own tokens being an estimate.
 RATE_PACE_SHARE = 0.95
-#: How far ahead of its steady pace a budget may run, as a share of its window (a burst
-#: at the start, a pause made up): small, since Azure counts a minute's budget in 1-10 s.
+#: How far ahead of its steady pace a budget may run (a burst at the start, a pause made
+#: up): a share of its window, at most RATE_BURST_MAX_S; small, since Azure counts a
+#: minute's budget in 1-10 s and a server that states nothing may count in any window.
 RATE_BURST_SHARE = 0.05
+RATE_BURST_MAX_S = 0.1
 #: The window of EMBED_MAX_TPM / EMBED_MAX_RPM, and of a budget whose server states none.
 RATE_SETTING_WINDOW_S = 60.0
 #: When a budget's remaining share is stated without a reset: how long that figure holds.

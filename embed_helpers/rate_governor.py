@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .constants import (RATE_BURST_SHARE, RATE_FORGET_WINDOWS, RATE_MAX_WAIT_S,
+from .constants import (RATE_BURST_MAX_S, RATE_BURST_SHARE, RATE_FORGET_WINDOWS, RATE_MAX_WAIT_S,
                         RATE_PACE_SHARE, RATE_SETTING_WINDOW_S, RATE_UNKNOWN_RESET_S)
 from .rate_headers import LANES, LaneHeaders, read_lanes
 from .tokens import EstimatedTokens
@@ -78,7 +78,8 @@ def grant(state: dict, costs: dict[str, float], caps: dict[str, float | None],
     for name, lane in lanes.items():
         rates[name] = pace(lane, caps.get(name))
         if rates[name]:
-            burst = RATE_BURST_SHARE * (lane["window"] or RATE_SETTING_WINDOW_S)
+            burst = min(RATE_BURST_SHARE * (lane["window"] or RATE_SETTING_WINDOW_S),
+                        RATE_BURST_MAX_S)
             start = max(start, lane["tat"] - burst)
     positions = {}
     for name, lane in lanes.items():
@@ -226,6 +227,13 @@ def for_client(settings, urls: list[str], secret: str | None, *, sleep=time.slee
     from .rate_ledger import open_ledger
     caps = {"requests": settings.EMBED_MAX_RPM, "tokens": settings.EMBED_MAX_TPM}
     return RateGovernor(open_ledger(settings, key_hash(urls, secret)), caps, sleep=sleep)
+
+
+def budget_since(stats: dict, before: dict, so_far: dict) -> dict:
+    """The report's budget figures: `so_far` plus what a client's counters gained since
+    `before` (`HttpClient.stats`)."""
+    return {k: round(so_far.get(k, 0) + stats.get(k, 0) - before.get(k, 0), 3)
+            for k in ("budget_waits", "budget_wait_s", "rate_limited")}
 
 
 def budget_note(stats: dict) -> str:

@@ -51,7 +51,7 @@ def parse_duration(raw: str | None) -> float | None:
     parts = _PART.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
         return None
-    return sum(float(n) * _UNIT_S[u] for n, u in parts)
+    return round(sum(float(n) * _UNIT_S[u] for n, u in parts), 9)  # to the nanosecond
 
 
 def _count(raw: str | None) -> float | None:
