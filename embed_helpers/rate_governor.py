@@ -28,6 +28,7 @@ from typing import Any, Callable
 from .constants import (RATE_BURST_MAX_S, RATE_BURST_SHARE, RATE_FORGET_WINDOWS, RATE_MAX_WAIT_S,
                         RATE_PACE_SHARE, RATE_SETTING_WINDOW_S, RATE_UNKNOWN_RESET_S)
 from .rate_headers import LANES, LaneHeaders, read_lanes
+from .rate_ledger import MemoryLedger, open_ledger
 from .tokens import EstimatedTokens
 
 log = logging.getLogger(__name__)
@@ -156,8 +157,28 @@ class RateGovernor:
     def active(self) -> bool:
         """Whether any budget is known: from a setting, a header, or the shared ledger."""
         if self._active is None:
-            self._active = self.ledger.knows_budget()
+            self._active = self._transact(None)
         return bool(self._active)
+
+    def _transact(self, change):
+        """`change` in the ledger (None: whether it knows a budget). A shared ledger that
+        fails (a role that may not create its table, a file it may not write) must not
+        stop a run: this process then paces the budget alone, and says so."""
+        ledger = self.ledger
+        try:
+            return ledger.knows_budget() if change is None else ledger.transact(change)
+        except Exception as exc:
+            if isinstance(ledger, MemoryLedger):
+                raise
+            with self.stats.lock:
+                if self.ledger is ledger:  # said once, whichever thread met it first
+                    log.warning("the rate budget cannot be shared through the %s ledger (%s): "
+                                "this process paces it alone (its table: what `python -m "
+                                "embed_helpers cache setup-sql` prints)", ledger.kind,
+                                str(exc).strip()[:200])
+                    self.ledger = MemoryLedger(ledger.key)
+            ledger.close()
+            return self._transact(change)
 
     def estimate(self, payload: dict) -> tuple[float, float]:
         """(our byte estimate of the tokens a request carries, the same in the server's
@@ -177,7 +198,7 @@ class RateGovernor:
             return ticket
         waited = 0.0
         while ticket.positions is None:
-            wait, ticket.positions = self.ledger.transact(
+            wait, ticket.positions = self._transact(
                 lambda state, now: grant(state, ticket.costs, self.caps, now))
             if wait > 0:
                 wait = min(wait, RATE_MAX_WAIT_S)
@@ -204,7 +225,7 @@ class RateGovernor:
             log.info("the server states its rate budget (%s): pacing requests to it",
                      ", ".join(f"{k} {v.limit:g}" for k, v in said.items() if v.limit) or "remaining")
             self._active = True
-        self.ledger.transact(lambda state, now: learn(state, said, ticket.positions,
+        self._transact(lambda state, now: learn(state, said, ticket.positions,
                                                       ticket.costs, status != 429, now))
 
     def billed(self, tokens: int) -> None:
@@ -224,9 +245,16 @@ class RateGovernor:
 
 def for_client(settings, urls: list[str], secret: str | None, *, sleep=time.sleep) -> RateGovernor:
     """The governor of an HTTP client: its ledger beside the configured cache."""
-    from .rate_ledger import open_ledger
     caps = {"requests": settings.EMBED_MAX_RPM, "tokens": settings.EMBED_MAX_TPM}
     return RateGovernor(open_ledger(settings, key_hash(urls, secret)), caps, sleep=sleep)
+
+
+def budget_status(backend) -> str:
+    """What the progress bar says of the budget: the time waited so far, or ""."""
+    governor = getattr(getattr(backend, "http", None), "governor", None)
+    waited = governor.counters() if governor is not None else {}
+    return f"waited {waited['budget_wait_s']:.0f} s on the rate budget" \
+        if waited.get("budget_wait_s", 0) >= 1 else ""
 
 
 def budget_since(stats: dict, before: dict, so_far: dict) -> dict:

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 TABLE = "embedding_rate_budget"
 Change = Callable[[dict, float], Any]
+#: One row per key: what `cache setup-sql` would have an administrator create.
+DDL = (f"CREATE TABLE IF NOT EXISTS {TABLE} (key_hash text PRIMARY KEY, state jsonb NOT NULL, "
+       f"updated_at timestamptz NOT NULL DEFAULT now())")
 
 
 def knows(state: dict) -> bool:
@@ -112,12 +115,19 @@ class PostgresLedger:
         if self._conn is None:
             from . import db
             from .cache.postgres import cache_settings
+            from .db_guard import create_racing
             self._conn = db.connect(cache_settings(self.settings))
+            self._conn.autocommit = False
             with self._conn.cursor() as cur:
-                cur.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (key_hash text PRIMARY KEY, "
-                            f"state jsonb NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())")
-            self._conn.commit()
+                missing = not self._exists(cur)
+            self._conn.rollback()
+            if missing:  # a role with table privileges only creates nothing
+                create_racing(self._conn, DDL)
         return self._conn
+
+    def _exists(self, cur) -> bool:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (TABLE,))
+        return bool(cur.fetchone()[0])
 
     def knows_budget(self) -> bool:
         with self._lock:
@@ -149,9 +159,10 @@ class PostgresLedger:
         return result
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
 
 def ledger_path(settings: Settings) -> Path:
@@ -166,3 +177,9 @@ def open_ledger(settings: Settings, key: str):
     if settings.EMBED_CACHE_BACKEND == "postgres" or settings.EMBED_ENGINE == "ray":
         return PostgresLedger(settings, key)
     return FileLedger(ledger_path(settings), key)
+
+
+def setup_sql(role: str) -> str:
+    """The budget's table for `cache setup-sql`: created by an administrator, used by a
+    role with table privileges only (the role name is checked by the caller)."""
+    return DDL + ";\n" + f"GRANT SELECT, INSERT, UPDATE ON {TABLE} TO {role};\n"

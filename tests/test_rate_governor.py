@@ -125,7 +125,8 @@ def test_a_setting_paces_a_server_that_sends_no_headers(tmp_path):
         batch_embed(texts(5 * BUDGET // TEXT_TOKENS), backend=backend)
         stats = backend.stats()
     assert budget.refused <= 3 and stats["budget_waits"] > 20
-    assert sum(fills(budget)) / (len(fills(budget)) * BUDGET) >= 0.85
+    steady = fills(budget)[1:]   # the first window: before the server's count calibrates ours
+    assert sum(steady) / (len(steady) * BUDGET) >= 0.85
 
 
 CLIENT = """
@@ -157,7 +158,45 @@ def test_two_processes_on_one_cache_share_the_budget(tmp_path, cache):
         waits = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert server.total_texts() == 2 * values["N"]
+    # Each pacing alone to what the headers say draws about a dozen 429s here; together none.
     assert budget.refused <= 3 and all(fill <= BUDGET for fill in fills(budget))
-    assert all(w > 0 for w in waits)   # each held back for the other's spending
+    assert sum(fills(budget)) / (len(fills(budget)) * BUDGET) >= 0.85
+    assert all(w > 0 for w in waits)
     if cache == "jsonl":
         assert Path(str(tmp_path / "c.jsonl") + ".ratelimit.json").is_file()
+
+
+def test_a_role_with_table_privileges_only_shares_the_budget(fresh_database, make_settings):
+    """What `cache setup-sql` prints makes the budget's table; a role that may not create
+    one still paces (alone, and says so) when nobody made it."""
+    from psycopg2.extensions import make_dsn
+    import psycopg2
+    from embed_helpers.cache.postgres import setup_sql
+    from embed_helpers.rate_governor import RateGovernor
+    from embed_helpers.rate_ledger import PostgresLedger
+    roles = ["ledger_a", "ledger_b"]
+    admin = psycopg2.connect(fresh_database)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        for role in roles:
+            cur.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        bare = make_settings(DATABASE_URL=make_dsn(fresh_database, user="ledger_b"),
+                             EMBED_CACHE_BACKEND="postgres")
+        alone = RateGovernor(PostgresLedger(bare, "k"), {"tokens": 60_000, "requests": None})
+        alone.acquire({"input": ["a text"]})
+        assert alone.ledger.kind == "memory"   # permission denied: paced in this process
+        with admin.cursor() as cur:
+            cur.execute(setup_sql("ledger_a"))
+        granted = make_settings(DATABASE_URL=make_dsn(fresh_database, user="ledger_a"))
+        shared = RateGovernor(PostgresLedger(granted, "k"), {"tokens": 60_000, "requests": None})
+        shared.acquire({"input": ["a text"]})
+        assert shared.ledger.kind == "postgres" and shared.ledger.knows_budget() is False
+        shared.close()
+    finally:
+        with admin.cursor() as cur:
+            for role in roles:
+                cur.execute(f"DROP OWNED BY {role}")
+                cur.execute(f"DROP ROLE {role}")
+        admin.close()
