@@ -6,7 +6,8 @@ the legacy `/api/embeddings`, `/api/version` and `/api/show`, TEI's `/info` and 
 them silently (`truncate_at`), and can answer as another model (`answer_model`). Vectors derive from
 sha256(text), so tests can state exactly what they expect. Tokens are counted as OpenAI's
 rule of thumb has it (one per 4 UTF-8 bytes); a request over `max_tokens_per_request` is
-refused with OpenAI's own message. Faults are drawn from a hash of (seed, request body,
+refused with OpenAI's own message. A rate budget per window (`RateBudget`) answers 429 with
+`retry-after` past it and sends OpenAI's `x-ratelimit-*` headers. Faults are drawn from a hash of (seed, request body,
 how often that body was seen), so a seeded server fails the same requests
 whatever order concurrent clients send them in.
 
