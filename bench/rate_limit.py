@@ -9,8 +9,8 @@ and a 429 with `retry-after` when a request would overrun it. Texts are 100 of i
 each; `batch_embed` with EMBED_MAX_RETRIES=5 and EMBED_BACKOFF_MS=500 (the defaults),
 EMBED_MAX_CONCURRENCY=4, and EMBED_BATCH_SIZE=64 (the default) at the issue's budget, 10 with
 --quick (a request must fit in a window's budget). Scenarios: two budgets (the issue's 2,400
-texts), ten budgets (--quick only); "2 processes" runs two clients at once on one JSONL
-cache, each with half the texts. Throughput is what the server accepted per window
+texts), ten budgets (--quick only); "2 processes" runs two clients at once, each with half
+the texts, on one JSONL cache (the budget shared) or on a cache each (--quick only). Throughput is what the server accepted per window
 (every window but the last), as a share of the budget: the server's count, not the client's
 clock. "before" is today's client without the governor: nothing paces it, 429s are retried.
 The server runs in the client's process: what is measured is counted, not timed.
@@ -77,13 +77,14 @@ def embed(url: str, n: int, tag: str, governed: bool, cache: str, batch: int) ->
             "refused": stats["rate_limited"]}
 
 
-def scenario(window: float, budgets: int, governed: bool, processes: int = 1) -> list:
+def scenario(window: float, budgets: int, governed: bool, processes: int = 1,
+             shared: bool = True) -> list:
     tokens, batch = (BUDGET, 64) if window >= 60 else (QUICK_BUDGET, 10)
     n = budgets * tokens // 100
     budget = RateBudget(tokens=tokens, window_s=window)
     with FakeEmbeddingServer(32, budget=budget) as server, tempfile.TemporaryDirectory() as tmp:
-        args = [[server.url + "/v1", n // processes, f"p{k}", governed, f"{tmp}/c.jsonl", batch]
-                for k in range(processes)]
+        args = [[server.url + "/v1", n // processes, f"p{k}", governed,
+                 f"{tmp}/{'c' if shared else k}.jsonl", batch] for k in range(processes)]
         if processes == 1:
             runs = [embed(*args[0])]
         else:
@@ -93,7 +94,8 @@ def scenario(window: float, budgets: int, governed: bool, processes: int = 1) ->
     fills = [budget.accepted[w][1] for w in sorted(budget.accepted)][:-1]
     share = sum(fills) / (len(fills) * budget.tokens) if fills else float("nan")
     errors = ", ".join(r["error"] for r in runs if r["error"]) or "none"
-    return [f"{budgets} budgets, {n:,} texts" + (f", {processes} processes" if processes > 1 else ""),
+    together = f", {processes} processes on {'one cache' if shared else 'a cache each'}"
+    return [f"{budgets} budgets, {n:,} texts" + (together if processes > 1 else ""),
             "after" if governed else "before", budget.refused,
             f"{'exit 1 (' + errors + ')' if errors != 'none' else 'exit 0'}",
             f"{share:.0%}", f"{max(fills, default=0):,} / {budget.tokens:,}",
@@ -112,7 +114,8 @@ def main() -> None:
     rows = [scenario(window, 2, governed) for governed in (False, True)]
     if window < 60:
         rows += [scenario(window, 10, governed) for governed in (False, True)]
-    rows += [scenario(window, 10 if window < 60 else 2, True, processes=2)]
+    rows += [scenario(window, 10 if window < 60 else 2, True, processes=2, shared=shared)
+             for shared in ((False, True) if window < 60 else (True,))]
     print_table(["scenario", "client", "429s", "run", "throughput (of the budget)",
                  "fullest window", "waited on the budget (requests)", "wall"], rows)
 
