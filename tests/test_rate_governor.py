@@ -83,6 +83,20 @@ def test_the_pace_spreads_a_setting_budget_and_the_key_is_not_stored():
     assert "sk-secret" not in key_hash(["https://api.openai.com/v1"], "sk-secret")
 
 
+def test_a_late_answer_does_not_overwrite_a_newer_one_and_a_429_is_given_back():
+    state = {}
+    first = grant(state, {"tokens": 100}, {}, now=0.0)[1]
+    second = grant(state, {"tokens": 100}, {}, now=0.0)[1]
+    learn(state, {"tokens": LaneHeaders(1000, 800, 2.0)}, second, {"tokens": 100}, True, now=0.1)
+    learn(state, {"tokens": LaneHeaders(1000, 900, 1.5)}, first, {"tokens": 100}, True, now=0.2)
+    lane = state["tokens"]
+    assert lane["base"] - lane["granted"] == 800 and lane["window"] == 2.0
+    third = grant(state, {"tokens": 100}, {}, now=0.3)[1]
+    learn(state, {"tokens": LaneHeaders(1000, 0, 1.0)}, third, {"tokens": 100}, False, now=0.4)
+    assert lane["granted"] == 200 and lane["base"] - lane["granted"] == 0   # refused: not spent
+    assert grant(state, {"tokens": 100}, {}, now=0.5) == (pytest.approx(0.9), None)
+
+
 def test_the_fake_server_speaks_openais_rate_headers(tmp_path):
     with FakeEmbeddingServer(32, budget=RateBudget(tokens=300, requests=2, window_s=60)) as server:
         url = server.url + "/v1/embeddings"
@@ -162,8 +176,9 @@ def test_two_processes_on_one_cache_share_the_budget(tmp_path, cache):
     assert budget.refused <= 3 and all(fill <= BUDGET for fill in fills(budget))
     assert sum(fills(budget)) / (len(fills(budget)) * BUDGET) >= 0.85
     assert all(w > 0 for w in waits)
-    if cache == "jsonl":
-        assert Path(str(tmp_path / "c.jsonl") + ".ratelimit.json").is_file()
+    if cache == "jsonl":   # the budget's file: a hash for the key, never the key
+        ledger = Path(str(tmp_path / "c.jsonl") + ".ratelimit.json").read_text()
+        assert key_hash([server.url + "/v1"], "sk-shared") in ledger and "sk-shared" not in ledger
 
 
 def test_a_role_with_table_privileges_only_shares_the_budget(fresh_database, make_settings):
