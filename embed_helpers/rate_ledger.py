@@ -110,19 +110,14 @@ class PostgresLedger:
 
     def __init__(self, settings: Settings, key: str):
         self.settings, self.key, self._lock, self._conn = settings, key, threading.Lock(), None
+        self._ready = False  # the table is there
 
     def _connection(self):
         if self._conn is None:
             from . import db
             from .cache.postgres import cache_settings
-            from .db_guard import create_racing
             self._conn = db.connect(cache_settings(self.settings))
             self._conn.autocommit = False
-            with self._conn.cursor() as cur:
-                missing = not self._exists(cur)
-            self._conn.rollback()
-            if missing:  # a role with table privileges only creates nothing
-                create_racing(self._conn, DDL)
         return self._conn
 
     def _exists(self, cur) -> bool:
@@ -132,9 +127,11 @@ class PostgresLedger:
     def knows_budget(self) -> bool:
         with self._lock:
             conn = self._connection()
-            with conn.cursor() as cur:
-                cur.execute(f"SELECT state FROM {TABLE} WHERE key_hash = %s", (self.key,))
-                row = cur.fetchone()
+            with conn.cursor() as cur:  # asking creates nothing: a run with no budget leaves no table
+                row = None
+                if self._exists(cur):
+                    cur.execute(f"SELECT state FROM {TABLE} WHERE key_hash = %s", (self.key,))
+                    row = cur.fetchone()
             conn.rollback()
         return bool(row and knows(row[0]))
 
@@ -143,6 +140,13 @@ class PostgresLedger:
         with self._lock:
             conn = self._connection()
             try:
+                with conn.cursor() as cur:
+                    missing = not self._ready and not self._exists(cur)
+                if missing:  # a role with table privileges only creates nothing
+                    from .db_guard import create_racing
+                    conn.rollback()
+                    create_racing(conn, DDL)
+                self._ready = True
                 with conn.cursor() as cur:
                     cur.execute(f"INSERT INTO {TABLE} (key_hash, state) VALUES (%s, '{{}}') "
                                 f"ON CONFLICT (key_hash) DO NOTHING", (self.key,))
