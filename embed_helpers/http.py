@@ -270,8 +270,8 @@ class HttpClient:
                               **kw)
         if status == 429:
             return BackendError(f"{where} after {attempts} attempts: rate limited.",
-                                hint="Lower EMBED_MAX_CONCURRENCY, or raise EMBED_MAX_RETRIES "
-                                     "(and EMBED_BACKOFF_MS) to wait longer.", **kw)
+                                hint="Set EMBED_MAX_TPM / EMBED_MAX_RPM to the key's limits where the "
+                                     "server states none, or raise EMBED_MAX_RETRIES.", **kw)
         if should_retry(status):
             return BackendError(f"{where} after {attempts} attempts: the server is failing.",
                                 hint="Check the server and its logs, then run again: what was "
