@@ -57,6 +57,8 @@ class Settings:
     EMBED_CACHE_URL: Secret | None = None
     EMBED_CACHE_ONLY: bool = False
     EMBED_COALESCE_MS: int = 5
+    EMBED_MAX_TPM: int | None = None
+    EMBED_MAX_RPM: int | None = None
     DATABASE_URL: Secret | None = None
     EMBED_PGDATA: Path = DEFAULT_PGDATA
     UPSERT: bool = True
@@ -105,6 +107,8 @@ SPEC: dict[str, tuple[Callable[[Any], Any], str]] = {
     "EMBED_CACHE_URL": (dsn, "PostgreSQL of the postgres cache; unset = the run's database"),
     "EMBED_CACHE_ONLY": (boolean, "never call the backend; cache misses become failures"),
     "EMBED_COALESCE_MS": (whole_number(0), "Embedder: how long concurrent single calls wait to share a batch"),
+    "EMBED_MAX_TPM": (optional(whole_number(1)), "tokens per minute the API key may spend: paced to, shared by the runs on the same cache; unset = what the server's x-ratelimit headers say"),
+    "EMBED_MAX_RPM": (optional(whole_number(1)), "requests per minute the API key may send, likewise"),
     "DATABASE_URL": (dsn, "PostgreSQL URL; unset = embedded server in .pgdata/"),
     "EMBED_PGDATA": (path_value, "data folder of the embedded server (when DATABASE_URL is unset)"),
     "UPSERT": (boolean, "update rows whose id exists (ON CONFLICT DO UPDATE); off = keep them"),

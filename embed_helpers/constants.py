@@ -188,3 +188,22 @@ INPUT_ERRORS_SHOWN = 10
 MAX_NAME_BYTES = 63
 #: The longest name made from a table's: its chunks table's index.
 LONGEST_DERIVED_SUFFIX = "_chunks_embedding_hnsw"
+
+# The rate governor (embed_helpers.rate_governor)
+#: The share of a stated budget the governor paces to: the rest absorbs a request that
+#: straddles the server's window and the count of our own tokens being an estimate.
+RATE_PACE_SHARE = 0.95
+#: How far ahead of its steady pace a budget may run (a burst at the start, a pause made
+#: up): a share of its window, at most RATE_BURST_MAX_S; small, since Azure counts a
+#: minute's budget in 1-10 s and a server that states nothing may count in any window.
+RATE_BURST_SHARE = 0.05
+RATE_BURST_MAX_S = 0.1
+#: The window of EMBED_MAX_TPM / EMBED_MAX_RPM, and of a budget whose server states none.
+RATE_SETTING_WINDOW_S = 60.0
+#: When a budget's remaining share is stated without a reset: how long that figure holds.
+RATE_UNKNOWN_RESET_S = 1.0
+#: A budget learned from headers is forgotten after this many of its windows without any
+#: (another server now answers at that address, or the API stopped saying).
+RATE_FORGET_WINDOWS = 3
+#: The longest single wait on the budget before looking again.
+RATE_MAX_WAIT_S = 60.0

@@ -22,6 +22,7 @@ from .constants import CONNECT_TIMEOUT_S, MAX_TIMEOUT_RETRIES
 from .errors import (AuthenticationError, BackendError, BackendUnreachable, BadInput,
                      BatchTooLarge, InputTooLong, ModelNotFound,
                      WrongRoute)
+from .rate_governor import for_client
 from .retry import retry_delay, should_retry
 from .servers import ServerPool
 
@@ -105,6 +106,7 @@ class HttpClient:
         self.session.headers.update(headers or {})
         self._lock = threading.Lock()
         self._counts = {"requests": 0, "retries": 0, "texts": 0, "tokens": 0, "retry_wait_s": 0.0}
+        self.governor = for_client(settings, urls, secret, sleep=sleep)  # the rate budget
 
     # --- counters -----------------------------------------------------------------
     def _count(self, name: str, amount: float = 1) -> None:
@@ -114,14 +116,16 @@ class HttpClient:
     def count_tokens(self, tokens: int) -> None:
         """Tokens a server said it billed for a request (OpenAI's `usage`)."""
         self._count("tokens", tokens)
+        self.governor.billed(tokens)
 
     def stats(self) -> dict:
         with self._lock:
             counts = dict(self._counts)
-        return {**counts, "servers": self.pool.stats()}
+        return {**counts, **self.governor.counters(), "servers": self.pool.stats()}
 
     def close(self) -> None:
         self.session.close()
+        self.governor.close()
 
     # --- the request --------------------------------------------------------------
     def get_json(self, path: str, payload: dict | None = None, *, root: bool = False) -> Any:
@@ -157,6 +161,7 @@ class HttpClient:
         timeout = (CONNECT_TIMEOUT_S, self.settings.EMBEDDING_TIMEOUT)
         timeouts = 0
         for attempt in range(max_retries + 1):
+            ticket = self.governor.acquire(payload)  # waits while the rate budget is spent
             server = self.pool.acquire()
             url = server.url + path
             self._count("requests")
@@ -173,6 +178,7 @@ class HttpClient:
                     self._again(attempt, None, f"{type(exc).__name__} from {mask_url(server.url)}")
                     continue
                 raise self._transport_error(exc, server.url, attempt + 1) from None
+            self.governor.observe(ticket, response.status_code, response.headers)
             if response.ok:
                 try:
                     body = response.json()
@@ -264,8 +270,8 @@ class HttpClient:
                               **kw)
         if status == 429:
             return BackendError(f"{where} after {attempts} attempts: rate limited.",
-                                hint="Lower EMBED_MAX_CONCURRENCY, or raise EMBED_MAX_RETRIES "
-                                     "(and EMBED_BACKOFF_MS) to wait longer.", **kw)
+                                hint="Set EMBED_MAX_TPM / EMBED_MAX_RPM to the key's limits where the "
+                                     "server states none, or raise EMBED_MAX_RETRIES.", **kw)
         if should_retry(status):
             return BackendError(f"{where} after {attempts} attempts: the server is failing.",
                                 hint="Check the server and its logs, then run again: what was "

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from . import steps, db
 from .constants import PREVIEW_CHARS
 from .plan import Plan
+from .rate_governor import budget_status
 from .report import RunReport, start_report
 from .resilient import Dimension, Failure
 from .sequence import EmbedSequence
@@ -58,7 +59,8 @@ class TableSink:
     def progress(self, rows: int) -> None:
         self.bar.update(rows)
         if not self.bar.disable:
-            self.bar.set_postfix_str(self.sequence.waiting, refresh=False)
+            self.bar.set_postfix_str(self.sequence.waiting or budget_status(self.sequence.backend),
+                                     refresh=False)
 
 
 def run_local(plan: Plan, *, conn, backend, cache, settings, progress: bool = True) -> RunReport:

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import relative
+from .rate_governor import budget_note, budget_since
 from .sequence import Tally
 
 #: RunReport field -> the backend counter it reads (`HttpClient.stats`).
@@ -21,10 +22,8 @@ log = logging.getLogger(__name__)
 def merge_intervals(intervals: list[tuple[float, float]]) -> float:
     """Total length covered by possibly overlapping intervals.
 
-    >>> merge_intervals([(0, 2), (1, 3), (5, 6)])
-    4
-    >>> merge_intervals([])
-    0
+    >>> merge_intervals([(0, 2), (1, 3), (5, 6)]), merge_intervals([])
+    (4, 0)
     """
     total, end = 0, float("-inf")
     for start, stop in sorted(intervals):
@@ -69,6 +68,7 @@ class RunReport:
     retries: int = 0
     texts_sent: int = 0           # texts the run's successful requests carried
     tokens: int = 0               # tokens the server said it billed (usage), when it says
+    rate_budget: dict = field(default_factory=dict)  # waits on it, seconds, 429s (rate_governor)
     #: every request and text the backend sent in the session (`close_bill`)
     requests_total: int | None = None
     texts_total: int | None = None
@@ -128,6 +128,7 @@ class RunReport:
         for name in ("requests", "retries", "texts_sent", "tokens"):
             setattr(self, name, getattr(self, name) + stats.get(_COUNTER[name], 0)
                     - before.get(_COUNTER[name], 0))
+        self.rate_budget = budget_since(stats, before, self.rate_budget)
         servers = stats.get("servers", {})
         self.servers = servers if len(servers) > 1 else {}
 
@@ -194,8 +195,8 @@ class RunReport:
             f"(skipped), {self.rows_empty} empty text, {self.rows_duplicate} duplicate ids, "
             f"{self.rows_failed} failed (of {self.rows_read} read)",
             f"embedding: {self.texts_embedded} texts embedded in {plural(self.requests, 'request')} "
-            f"({plural(self.retries, 'retry', 'retries')}); cache {self.cache_hits} hits / "
-            f"{self.cache_misses} misses",
+            f"({plural(self.retries, 'retry', 'retries')}{budget_note(self.rate_budget)}); cache "
+            f"{self.cache_hits} hits / {self.cache_misses} misses",
         ]
         if self.probe_texts:
             lines.append(f"of the cache hits, {self.probe_texts} were paid for by this run's "

@@ -6,7 +6,8 @@ the legacy `/api/embeddings`, `/api/version` and `/api/show`, TEI's `/info` and 
 them silently (`truncate_at`), and can answer as another model (`answer_model`). Vectors derive from
 sha256(text), so tests can state exactly what they expect. Tokens are counted as OpenAI's
 rule of thumb has it (one per 4 UTF-8 bytes); a request over `max_tokens_per_request` is
-refused with OpenAI's own message. Faults are drawn from a hash of (seed, request body,
+refused with OpenAI's own message. A rate budget per window (`RateBudget`) answers 429 with
+`retry-after` past it and sends OpenAI's `x-ratelimit-*` headers. Faults are drawn from a hash of (seed, request body,
 how often that body was seen), so a seeded server fails the same requests
 whatever order concurrent clients send them in.
 
@@ -20,6 +21,7 @@ import argparse
 import base64
 import hashlib
 import json
+import math
 import random
 import socket
 import sys
@@ -110,6 +112,63 @@ def _llamacpp_batch_refusal(limit: int, asked: int) -> tuple[int, dict]:
                            "type": "server_error"}}
 
 
+def go_duration(seconds: float) -> str:
+    """A duration as OpenAI's headers write it (Go's `time.Duration`, to the millisecond,
+    rounded up): "0s", "20ms", "1s", "8.64s", "6m0s", "1h2m3.5s". The fake's own writer,
+    not the client's parser run backwards."""
+    ms = max(0, math.ceil(seconds * 1000 - 1e-9))
+    if ms < 1000:
+        return f"{ms}ms" if ms else "0s"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    return (f"{hours}h" if hours else "") + (f"{minutes}m" if hours or minutes else "") + f"{secs}s"
+
+
+class RateBudget:
+    """A key's budget per window of `window_s` seconds (a minute at OpenAI), in requests
+    and tokens, counted in fixed windows from the first request; OpenAI's `x-ratelimit-*`
+    headers on every answer (`headers=False`: none, only `retry-after` on a 429). What each
+    window accepted is kept (`accepted`), so tests assert on the server's own counts."""
+
+    def __init__(self, tokens: int | None = None, requests: int | None = None,
+                 window_s: float = 60.0, headers: bool = True):
+        self.tokens, self.requests, self.window_s, self.headers = tokens, requests, window_s, headers
+        self.start: float | None = None
+        self.accepted: dict[int, list[int]] = {}   # window -> [requests, tokens]
+        self.refused = 0
+
+    def admit(self, tokens: int, now: float) -> tuple[bool, dict, str]:
+        """(accepted, the headers to send, the refusal's words); called under the lock."""
+        self.start = now if self.start is None else self.start
+        window = int((now - self.start) // self.window_s)
+        spent = self.accepted.setdefault(window, [0, 0])
+        reset = self.start + (window + 1) * self.window_s - now
+        over = [(kind, limit, used, asked) for kind, limit, used, asked in
+                (("requests per min (RPM)", self.requests, spent[0], 1),
+                 ("tokens per min (TPM)", self.tokens, spent[1], tokens))
+                if limit is not None and used + asked > limit]
+        if not over:
+            spent[0] += 1
+            spent[1] += tokens
+        else:
+            self.refused += 1
+        headers = {}
+        for lane, limit, used in (("requests", self.requests, spent[0]), ("tokens", self.tokens, spent[1])):
+            if self.headers and limit is not None:
+                headers.update({f"x-ratelimit-limit-{lane}": str(limit),
+                                f"x-ratelimit-remaining-{lane}": str(max(limit - used, 0)),
+                                f"x-ratelimit-reset-{lane}": go_duration(reset)})
+        if not over:
+            return True, headers, ""
+        kind, limit, used, asked = over[0]
+        headers["retry-after"] = str(math.ceil(reset))
+        return False, headers, (f"Rate limit reached for text-embedding-3-small in organization "
+                                f"org-fake on {kind}: Limit {limit}, Used {used}, Requested {asked}. "
+                                f"Please try again in {go_duration(reset)}. Visit "
+                                f"https://platform.openai.com/account/rate-limits to learn more.")
+
+
 #: How real servers refuse an input over their window: (status, JSON body) for (limit, asked).
 REFUSALS = {"openai": _openai_refusal, "openai-input": _openai_input_refusal,
             "vllm": _vllm_refusal, "tei": _tei_refusal, "llamacpp": _llamacpp_refusal,
@@ -167,6 +226,7 @@ class FakeEmbeddingServer:
         self.refuse_base64 = False             # 400 on encoding_format=base64
         self.ignore_base64 = False             # answer floats whatever was asked
         self.fail_after: int | None = None     # 503 to every request after this many answered
+        self.budget: RateBudget | None = None  # a rate budget per window, with OpenAI's headers
         if latency:
             self.max_batch, self.rate_429, self.rate_5xx = latency.max_batch, latency.rate_429, latency.rate_5xx
             self.retry_after_s = latency.retry_after_s
@@ -303,6 +363,14 @@ class FakeEmbeddingServer:
                 headers["retry-after-ms"] = f"{self.retry_after_ms:g}"
             return self.error(req, route, 429, "Rate limit reached, retry later.",
                               code="rate_limit_exceeded", headers=headers)
+        budget_headers = {}
+        if self.budget is not None:
+            with self._lock:
+                ok, budget_headers, said = self.budget.admit(sum(map(count_tokens, texts)),
+                                                             time.monotonic())
+            if not ok:
+                return self.error(req, route, 429, said, code="rate_limit_exceeded",
+                                  headers=budget_headers, kind="tokens")
         if draws.random() < self.rate_5xx:
             return self.error(req, route, draws.choice((500, 502, 503)), "server overloaded")
         if self.fail_after is not None and len(self.batch_sizes) >= self.fail_after:
@@ -344,7 +412,7 @@ class FakeEmbeddingServer:
             self.batch_sizes.append(len(texts))
             self.tokens_per_request.append(sum(tokens))
         self._count(route, "texts", len(texts))
-        req.reply(200, payload)
+        req.reply(200, payload, headers=budget_headers)
 
     def vector(self, text: str, route: str) -> np.ndarray:
         if self.truncate_at is not None:  # what the model reads: its first N tokens

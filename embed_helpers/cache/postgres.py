@@ -20,6 +20,7 @@ from ..config import Settings, mask_url
 from ..constants import CACHE_LEASE_MAX_S
 from ..db_guard import create_racing, guarded
 from ..identity import Identity
+from ..rate_ledger import setup_sql as rate_budget_sql
 from .facts import TableFacts
 from .format import text_sha256, variant_sha256
 from .leases import Leases
@@ -266,7 +267,8 @@ def setup_sql(role: str) -> str:
     return ("-- Run as a role that may create tables here, in the database the cache uses.\n"
             "CREATE EXTENSION IF NOT EXISTS vector;\n" + SCHEMA.strip() + "\n"
             f"GRANT USAGE ON SCHEMA public TO {role};\n"
-            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {TABLE}, {TABLE}_leases TO {role};\n")
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {TABLE}, {TABLE}_leases TO {role};\n"
+            + rate_budget_sql(role))
 
 
 @guarded("reading the cache table")

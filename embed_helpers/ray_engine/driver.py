@@ -24,6 +24,7 @@ from ..config import Settings
 from ..constants import RAY_BATCHES_PER_BLOCK, RAY_HTTP_WORKER_CPUS, RAY_OBJECT_STORE_BYTES
 from ..errors import ConfigError, EmbedHelpersError
 from ..plan import Plan
+from ..rate_governor import budget_since
 from ..report import RunReport, start_report
 from ..resilient import Failure
 from .cluster import join, quiet_our_errors, without_rays_note
@@ -185,6 +186,7 @@ def _add_block(report: RunReport, s: dict) -> None:
     report.chunks_written += int(s["chunks"])
     for name in ("requests", "retries", "texts_sent", "tokens"):
         setattr(report, name, getattr(report, name) + int(s[name]))
+    report.rate_budget = budget_since(json.loads(s["rate_budget"]), {}, report.rate_budget)
     report.dim = report.dim or int(s["dim"])
     worker = report.workers.setdefault(str(s["worker"]), {"blocks": 0, "rows": 0, "seconds": 0.0})
     worker["blocks"] += 1

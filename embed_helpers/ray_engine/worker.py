@@ -14,6 +14,7 @@ import time
 
 from .. import steps, db, windows
 from ..pieces import Done, Pieces
+from ..rate_governor import budget_since
 from ..resilient import Dimension, Failure
 from ..sequence import EmbedSequence, Tally
 
@@ -85,4 +86,5 @@ class BlockWorker:
                 "retries": [delta["retries"]], "texts_sent": [delta["texts"]],
                 "tokens": [delta["tokens"]], "failures": [json.dumps(failures)],
                 "worker": [self.name], "seconds": [seconds],
-                "dim": [self.sequence.dimension.value or 0], "servers": [json.dumps(servers)]}
+                "dim": [self.sequence.dimension.value or 0], "servers": [json.dumps(servers)],
+                "rate_budget": [json.dumps(budget_since(stats, before, {}))]}
