@@ -189,7 +189,7 @@ MAX_NAME_BYTES = 63
 #: The longest name made from a table's: its chunks table's index.
 LONGEST_DERIVED_SUFFIX = "_chunks_embedding_hnsw"
 
-# OpenAI's Batch API (embed_helpers.batch_api): its documented limits, per input file and batch
+# OpenAI's Batch API (`batch_api/jobs.py`): its documented limits, per input file and batch
 #: Requests (lines) one input file may hold.
 BATCH_MAX_REQUESTS_PER_FILE = 50_000
 #: Bytes one input file may hold (200 MB), with a margin for what we cannot count exactly.

@@ -6,7 +6,7 @@ page, newest first), GET /v1/batches/{id}, POST /v1/batches/{id}/cancel and GET
 on each GET of it: validating -> in_progress -> finalizing -> completed (`hold` keeps it
 in_progress). It validates the input file as OpenAI documents (50,000 requests, 200 MB,
 50,000 embedding inputs, the enqueued-token cap) and fails the batch when one is broken.
-Faults: chosen custom_ids fail (error file), expiry after N lines, a lost answer to a
+Faults: chosen lines fail (error file), expiry after N lines, a lost answer to a
 create, vectors of another dimension, a line that is not ours. Vectors are the fake
 server's own, so they equal the synchronous route's.
 """
@@ -35,7 +35,7 @@ class FakeBatchAPI:
         self.batches: dict[str, dict] = {}
         self.counts: Counter = Counter()
         self.hold = False                   # batches stay in_progress until released
-        self.fail_ids: set[str] = set()      # these custom_ids fail (400 in the error file)
+        self.fail_lines: set[int] = set()    # these lines of each file fail (400, error file)
         self.expire_after: int | None = None  # the batch expires after this many lines
         self.drop_create_replies = 0         # create the batch, then lose the answer
         self.foreign_line = False            # the output holds a custom_id we never sent
@@ -186,7 +186,7 @@ class FakeBatchAPI:
                 errors.append({"id": f"batch_req_{n}", "custom_id": cid, "response": None,
                                "error": {"code": f"batch_{status}", "message": f"This request "
                                          f"could not be executed before the batch was {status}."}})
-            elif cid in self.fail_ids:
+            elif n in self.fail_lines:
                 errors.append({"id": f"batch_req_{n}", "custom_id": cid, "error": None,
                                "response": {"status_code": 400, "request_id": f"req_{n}", "body": {
                                    "error": {"message": "forbidden content", "type":

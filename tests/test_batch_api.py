@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -114,15 +115,20 @@ def test_the_plan_prices_both_modes_and_says_when_results_are_due(
     assert server.batch_api.requests() == 0 and server.total_requests() == 0
 
 
-def test_failed_lines_are_retried_synchronously_or_listed(batch_run, server, conn, table):
-    server.batch_api.fail_ids = {"x"}  # the custom_ids are made in the run: fail by position
-    server.batch_api.expire_after = 1   # each job expires after its first line
+@pytest.mark.parametrize("fault, code", [("fail_lines", "HTTP 400"),
+                                         ("expire_after", "batch_expired")])
+def test_failed_or_expired_lines_are_embedded_synchronously(batch_run, server, fault, code):
+    # 120 texts: one job of 3 lines (50, 50, 20); the second fails, or all after the first expire
+    setattr(server.batch_api, fault, {1} if fault == "fail_lines" else 1)
     report, _s, _p = batch_run(frame(120), EMBED_BATCH_FAILED="sync")
     assert report.rows_written == 120 and report.rows_failed == 0
-    # 120 texts in 3 lines of 50, 50, 20 in one job: lines 2 and 3 expired, embedded now
-    assert server.total_texts("/v1/embeddings") == 70
-    assert len(report.batch["failed"]) == 2
-    assert all("batch_expired" in why for why in report.batch["failed"].values())
+    sent = 50 if fault == "fail_lines" else 70
+    assert server.total_texts("/v1/embeddings") == sent
+    assert report.batch["texts_cached"] == 120 - sent
+    assert all(why.startswith(code) for why in report.batch["failed"].values())
+    # the bill: batch tokens at half the price, the synchronous ones at the list price
+    batch_tokens, sync_tokens = report.batch["tokens"], report.batch["sync_tokens"]
+    assert report.token_cost_usd == pytest.approx((batch_tokens * 0.01 + sync_tokens * 0.02) / 1e6)
 
 
 def test_listed_failures_exit_with_the_rows_and_nothing_synchronous(
@@ -175,21 +181,25 @@ def test_sigkill_while_jobs_are_pending_then_a_rerun_submits_nothing_twice(
     env = cli_env(server, tmp_path)
     api = server.batch_api
     api.hold = True  # pending until released: the client polls
+    api.enqueued_token_limit = 900  # as the account's cap (EMBED_BATCH_ENQUEUED_TOKENS)
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        while api.counts["GET /v1/batches/{id}"] < 3 and proc.poll() is None:
-            proc.wait(0.05) if False else __import__("time").sleep(0.05)
+        for _ in range(4000):  # until it polls a pending batch (bounded: it may have died)
+            if api.counts["GET /v1/batches/{id}"] >= 3 or proc.poll() is not None:
+                break
+            time.sleep(0.01)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    created = api.creates()
-    assert created >= 1  # 300 texts of ~5 tokens, 900 enqueued: not all jobs at once
+    # 300 texts of ~5 tokens under a cap of 900 enqueued: one job out at a time
+    assert api.creates() == 1
     api.hold = False
     done = subprocess.run(args, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     records = [json.loads(x) for x in open(tmp_path / "cache.jsonl.batches.jsonl")]
     batch_ids = [r["batch_id"] for r in records if "batch_id" in r]
-    assert len(batch_ids) == len(set(batch_ids)) == len(api.batches) == api.creates()
+    assert len(batch_ids) == len(set(batch_ids)) == len(api.batches) == api.creates() >= 2
+    assert all(b["status"] == "completed" for b in api.batches.values())
     assert server.total_requests("/v1/embeddings") == 0
     ids = [r[0] for r in stored(conn, table)]
     assert sorted(ids) == sorted(f"r{i}" for i in range(300))

@@ -81,8 +81,8 @@ def cut_jobs(texts: list[str], tokens: list[int], limits: Limits, *, model: str,
 
     >>> jobs = cut_jobs(list("abcde"), [1] * 5, Limits(2, None, 3), model="m",
     ...                 encoding="float", key_of=lambda n: f"j{n}")
-    >>> [list(j.lines.values()) for j in jobs]
-    [[['a', 'b']], [['c', 'd']], [['e']]]
+    >>> [list(j.lines.values()) for j in jobs]  # 3 tokens enqueued at most per job
+    [[['a', 'b']], [['c', 'd'], ['e']]]
     """
     jobs: list[Job] = []
     job: Job | None = None

@@ -38,9 +38,10 @@ def batch_price(plan, settings) -> float | None:
 
 
 def check_backend(backend) -> None:
-    if backend.name != "llm_api":
-        raise ConfigError("EMBED_HOSTED_MODE", f"batch is OpenAI's Batch API, for the llm_api "
-                                               f"backend; EMBEDDING_BACKEND is {backend.name}")
+    if not getattr(backend, "speaks_batch_api", False):
+        raise ConfigError("EMBED_HOSTED_MODE", f"batch is OpenAI's Batch API, which only the "
+                                               f"OpenAI-compatible backend speaks; "
+                                               f"EMBEDDING_BACKEND is {backend.name}")
 
 
 def plan_rows(plan, backend, cache, settings) -> list[tuple[str, object]]:
