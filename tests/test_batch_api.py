@@ -204,3 +204,49 @@ def test_sigkill_while_jobs_are_pending_then_a_rerun_submits_nothing_twice(
     ids = [r[0] for r in stored(conn, table)]
     assert sorted(ids) == sorted(f"r{i}" for i in range(300))
     assert "Batch API:" in done.stdout and "1 resumed" in done.stdout
+
+
+def test_no_wait_leaves_jobs_pending_and_a_rerun_collects_them(batch_run, server, conn, table):
+    server.batch_api.hold = True
+    report, _s, _p = batch_run(frame(500), EMBED_BATCH_WAIT=0)
+    assert report.rows_written == 0 and len(report.batch["pending"]) == 2
+    assert "pending" in str(report) and server.batch_api.creates() == 2
+    server.batch_api.hold = False
+    report, _s, _p = batch_run(frame(500))
+    assert server.batch_api.creates() == 2  # nothing submitted twice
+    assert report.rows_written == 500 and report.batch["jobs_resumed"] == 2
+    assert report.batch["jobs_submitted"] == 0
+    assert server.total_requests("/v1/embeddings") == 0
+
+
+def test_the_postgres_cache_keeps_the_jobs_where_another_machine_sees_them(
+        batch_run, server, conn, table, fresh_database):
+    server.batch_api.hold = True
+    pg = dict(EMBED_CACHE_BACKEND="postgres", EMBED_CACHE_URL=fresh_database)
+    batch_run(frame(100), EMBED_BATCH_WAIT=0, **pg)
+    server.batch_api.hold = False
+    # another machine: another JSONL path it never uses, the same shared table
+    report, _s, _p = batch_run(frame(100), EMBED_CACHE_PATH="/nonexistent/other.jsonl", **pg)
+    assert server.batch_api.creates() == 1 and report.rows_written == 100
+    assert report.batch["jobs_resumed"] == 1
+
+
+def test_batches_list_and_cancel_commands(batch_run, server, make_settings, monkeypatch,
+                                          capsys):
+    from embed_helpers.cli import main
+    server.batch_api.hold = True
+    _r, settings, _p = batch_run(frame(60), EMBED_BATCH_WAIT=0)
+    for name in ("EMBEDDING_BACKEND", "OPENAI_BASE_URL", "EMBED_CACHE_PATH", "EMBED_RUNS_DIR"):
+        monkeypatch.setenv(name, str(getattr(settings, name)))
+    assert main(["batches", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "batch-" in listed and "submitted/in_progress" in listed and "2 lines" in listed
+    assert main(["batches", "cancel", "--all"]) == 0
+    assert "cancelling" in capsys.readouterr().out
+    assert server.batch_api.counts["POST /v1/batches/{id}/cancel"] == 1
+    server.batch_api.hold = False
+    report, _s, _p = batch_run(frame(60))  # the cancelled batch kept its first line
+    assert report.rows_written == 60 and report.batch["texts_cached"] == 50
+    assert server.total_texts("/v1/embeddings") == 10
+    assert main(["batches", "cancel", "--all"]) == 1  # none pending: said so
+    assert "no pending job" in capsys.readouterr().err
