@@ -138,7 +138,9 @@ def test_listed_failures_exit_with_the_rows_and_nothing_synchronous(
     assert server.total_requests("/v1/embeddings") == 0
     assert report.rows_written == 50 and report.rows_failed == 70
     with open(report.failures_path) as fh:
-        assert len(fh.readlines()) == 70
+        listed = [json.loads(line) for line in fh]
+    assert len(listed) == 70 and all("the Batch API gave no vector" in f["reason"] for f in listed)
+    assert sorted(f["id"] for f in listed) == sorted(f"r{i}" for i in range(50, 120))
 
 
 @pytest.mark.parametrize("fault, message", [("wrong_dim", "dimension 5"),

@@ -8,19 +8,26 @@ failures (list: the run is then cache-only). `workflow.run_plan` calls `run_plan
 """
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 from .. import steps
 from ..config import replace_settings
 from ..constants import BATCH_COMPLETION_HOURS, BATCH_PRICE_FACTOR
 from ..errors import ConfigError
 from ..report import plural, start_report
+from ..sequence import CACHE_ONLY_REASON
 from .jobs import Limits, cut_jobs
 from .runner import BatchRunner, Outcome
 from .store import JobStore
 
 log = logging.getLogger(__name__)
+
+LISTED_REASON = ("the Batch API gave no vector for it (its line failed, expired or was "
+                 "cancelled: the report's batch.failed says why); EMBED_BATCH_FAILED=list: run "
+                 "again to send it in a new job, or set EMBED_BATCH_FAILED=sync")
 
 
 def limits_for(plan, settings) -> Limits:
@@ -114,7 +121,19 @@ def run_plan_batch(plan, *, conn, backend, cache, settings, progress: bool = Tru
         cost = outcome.tokens * price + sync_tokens * (sync if sync is not None else price)
         report.price_per_1m_tokens = cost / report.tokens
     report.batch = summary(outcome, requests, price, sync_tokens=sync_tokens)
+    if listed and report.failures_path:
+        say_why(report.failures_path)
     return report
+
+
+def say_why(path: str) -> None:
+    """The failures file of a list-mode run: rows the cache-only run could not find are
+    rows the Batch API gave no vector, and the file says so (and what to do)."""
+    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    for line in lines:
+        if line.get("reason") == CACHE_ONLY_REASON:
+            line["reason"] = LISTED_REASON
+    Path(path).write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
 def summary(outcome: Outcome, requests: int, price, *, sync_tokens: int = 0) -> dict:
