@@ -39,6 +39,7 @@ class FakeBatchAPI:
         self.expire_after: int | None = None  # the batch expires after this many lines
         self.drop_create_replies = 0         # create the batch, then lose the answer
         self.foreign_line = False            # the output holds a custom_id we never sent
+        self.absent = False                  # a server without it (vLLM, TEI): 404 everywhere
         self.max_requests, self.max_bytes, self.max_inputs = 50_000, 200 * 1024 * 1024, 50_000
         self.enqueued_token_limit = 3_000_000
         self._n = 0
@@ -64,6 +65,8 @@ class FakeBatchAPI:
 
     def route(self, req, method, route, path, raw):
         parts = path.strip("/").split("/")
+        if self.absent:
+            return 404, {"detail": "Not Found"}
         if (method, route) == ("POST", "/v1/files"):
             return self.upload(req, raw)
         if (method, route) == ("POST", "/v1/batches"):

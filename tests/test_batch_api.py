@@ -252,3 +252,23 @@ def test_batches_list_and_cancel_commands(batch_run, server, make_settings, monk
     assert server.total_texts("/v1/embeddings") == 10
     assert main(["batches", "cancel", "--all"]) == 1  # none pending: said so
     assert "no pending job" in capsys.readouterr().err
+
+
+def test_a_kill_between_the_upload_and_the_batch_record_is_resolved_by_the_metadata(
+        batch_run, server, conn, table):
+    from embed_helpers.errors import BackendUnreachable
+    server.batch_api.drop_create_replies = 1  # the batch is made, its answer never arrives
+    with pytest.raises(BackendUnreachable):
+        batch_run(frame(100), EMBED_MAX_RETRIES=0)
+    assert len(server.batch_api.batches) == 1
+    report, _s, _p = batch_run(frame(100))  # the record has a file, no batch: look first
+    assert server.batch_api.creates() == 1 and len(server.batch_api.batches) == 1
+    assert report.rows_written == 100 and report.batch["jobs_resumed"] == 1
+
+
+def test_a_server_without_the_batch_api_is_told_apart(batch_run, server):
+    from embed_helpers.errors import ConfigError
+    server.batch_api.absent = True
+    with pytest.raises(ConfigError, match="EMBED_HOSTED_MODE=sync for this server"):
+        batch_run(frame(10))
+    assert server.total_requests("/v1/embeddings") == 0

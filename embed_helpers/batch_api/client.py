@@ -7,6 +7,7 @@ and downloads too.
 from __future__ import annotations
 
 from ..constants import BATCH_COMPLETION_WINDOW, BATCH_JOB_METADATA_KEY, BATCH_LIST_PAGE
+from ..errors import ConfigError, WrongRoute
 from .jobs import ENDPOINT
 
 #: A batch in one of these will not change any more.
@@ -24,7 +25,15 @@ class BatchClient:
         def send(session, url, timeout):
             return session.post(url, data={"purpose": "batch"}, timeout=timeout,
                                 files={"file": (filename, content, "application/jsonl")})
-        return self.http.post_json("/files", None, send=send)["id"]
+        try:
+            return self.http.post_json("/files", None, send=send)["id"]
+        except WrongRoute as exc:  # vLLM, TEI, Ollama: /embeddings only
+            raise ConfigError("EMBED_HOSTED_MODE", f"batch needs OpenAI's Batch API, and the "
+                                                   f"server refused an upload to /files "
+                                                   f"(HTTP {exc.status}): set "
+                                                   f"EMBED_HOSTED_MODE=sync for this server, "
+                                                   f"or point OPENAI_BASE_URL at OpenAI"
+                              ) from None
 
     def create(self, input_file_id: str, job_key: str) -> dict:
         """POST /batches, never twice for one job: when an answer is lost (the batch may
