@@ -218,6 +218,13 @@ class FakeBatchAPI:
                 "object": "list", "data": data, "model": body.get("model"),
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}}}
 
+    def stats(self) -> dict:
+        """Requests per route, and the batches by status."""
+        with self.lock:
+            statuses = Counter(b["status"] for b in self.batches.values())
+            return {"counts": dict(self.counts), "statuses": dict(statuses),
+                    "batches": len(self.batches)}
+
     def creates(self) -> int:
         return self.counts["POST /v1/batches"]
 

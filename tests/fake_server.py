@@ -13,6 +13,8 @@ whatever order concurrent clients send them in.
 Run standalone for benchmarks (the server then does not share the client's GIL):
     python tests/fake_server.py --profile ollama-gpu --dim 768 [--port 0]
 prints "READY http://127.0.0.1:PORT"; GET /_stats gives the counters, POST /_reset clears them.
+OpenAI's Batch API (files, batches, their output) is `fake_batch_api.py`'s, mounted here; GET
+/_batch_stats gives its counters.
 """
 from __future__ import annotations
 
@@ -434,6 +436,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path.startswith(BATCH_ROUTES):  # OpenAI's Batch API (fake_batch_api.py)
             return self.server.fake.batch_api.handle(self, "GET", b"")
+        if self.path == "/_batch_stats":  # the Batch API's counters, for benchmarks
+            return self.reply(200, json.dumps(self.server.fake.batch_api.stats()).encode())
         if self.path == "/_stats":
             return self.reply(200, json.dumps(self.server.fake.counts).encode())
         fake = self.server.fake

@@ -42,6 +42,7 @@ def batch_run(server, make_settings, conn, table):
                       EMBED_MAX_RETRIES=2)
         values.update(overrides)
         settings = make_settings(**values)
+        server.batch_api.max_inputs = limits.inputs_per_job  # it refuses a job over the limit
         with get_backend(settings) as backend:
             cache = open_cache(settings)
             target = Target(table, "id", "text")
@@ -272,3 +273,4 @@ def test_a_server_without_the_batch_api_is_told_apart(batch_run, server):
     with pytest.raises(ConfigError, match="EMBED_HOSTED_MODE=sync for this server"):
         batch_run(frame(10))
     assert server.total_requests("/v1/embeddings") == 0
+
