@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .client import TERMINAL, BatchClient
+from .mode import check_backend
 from .store import COLLECTED, JobStore
 
 
@@ -27,6 +28,7 @@ def cmd_batches(args) -> int:
     cache = open_cache(settings)
     store = JobStore.beside(cache)
     with get_backend(settings) as backend:
+        check_backend(backend)
         client = BatchClient(backend.http)
         if args.action == "list":
             print(list_jobs(store, client))
