@@ -17,7 +17,7 @@ from fake_server import FakeEmbeddingServer, count_tokens, expected_vector
 from embed_helpers import db
 from embed_helpers.backends import get_backend
 from embed_helpers.batch_api import Limits, cut_jobs, run_plan_batch
-from embed_helpers.batch_api.jobs import input_file
+from embed_helpers.batch_api.jobs import Job, input_file
 from embed_helpers.errors import EmbeddingValidationError
 from embed_helpers.steps import Target
 from embed_helpers.workflow import open_cache, plan_ingest
@@ -274,3 +274,29 @@ def test_a_server_without_the_batch_api_is_told_apart(batch_run, server):
         batch_run(frame(10))
     assert server.total_requests("/v1/embeddings") == 0
 
+
+
+def test_texts_another_process_put_in_a_job_meanwhile_are_left_to_it(server, make_settings):
+    from embed_helpers.batch_api.runner import BatchRunner
+    settings = make_settings(EMBEDDING_BACKEND="llm_api", OPENAI_BASE_URL=server.url + "/v1",
+                             EMBED_ENCODING="float")
+    texts = [f"t{i}" for i in range(30)]
+    with get_backend(settings) as backend:
+        runner = BatchRunner(backend, open_cache(settings), settings, dim=DIM,
+                             limits=Limits(10, None, 10**6), sleep=lambda s: None)
+        queue = runner.cut(texts, [1] * 30)  # one job of 3 lines, cut at the start of a run...
+        ident = backend.identity()
+        # ...then another machine records a job holding t5..t14 before this one submits
+        runner.store.update("other", route=ident.route, model=ident.model, state="preparing",
+                            lines={"other-0": texts[5:15]}, tokens=10)
+        (key, job), = queue
+        assert runner.submit(key, job) is not None
+        # two processes recorded the same texts at once: the one logged first keeps them
+        runner.store.update("late", route=ident.route, model=ident.model, state="preparing",
+                            lines={"late-0": texts[:3], "late-1": ["new"]}, tokens=4)
+        kept = runner.claim("late", Job({"late-0": texts[:3], "late-1": ["new"]}, 4))
+        assert kept.lines == {"late-1": ["new"]}
+    sent = [json.loads(line)["body"]["input"] for f in server.batch_api.content.values()
+            for line in f.splitlines()]
+    assert sorted(t for line in sent for t in line) == sorted(texts[:5] + texts[15:])
+    assert [line for line in sent] == [texts[:5], texts[15:20], texts[20:]]

@@ -73,9 +73,10 @@ class BatchRunner:
             records = [r for r in records if r.get("state") != COLLECTED]
             enqueued = sum(r.get("tokens", 0) for r in records)
             while queue and enqueued + queue[0][1].tokens <= self.limits.enqueued_tokens:
-                key, job = queue.pop(0)
-                records.append(self.submit(key, job))
-                enqueued += job.tokens
+                record = self.submit(*queue.pop(0))
+                if record is not None:
+                    records.append(record)
+                    enqueued += record["tokens"]
             if not records and not queue:
                 return self.outcome
             if not wait:
@@ -98,16 +99,48 @@ class BatchRunner:
                         encoding=self.backend.encoding, key_of=key_of)
         return [(key_of(n), job) for n, job in enumerate(jobs)]
 
-    def submit(self, key: str, job: Job) -> dict:
-        """Record the job's texts, then upload, then create: each step recorded."""
+    def submit(self, key: str, job: Job) -> dict | None:
+        """Record the job's texts, then upload, then create: each step recorded. Texts
+        another process put in a job meanwhile are left to it (`claim`); None when no text
+        is left."""
+        job = without(job, self.held_by_others(key))
+        if not job.lines:
+            return None
         self.store.update(key, route=self.identity.route, model=self.identity.model,
                           state=PREPARING, lines=job.lines, tokens=job.tokens,
                           inputs=job.inputs, encoding=self.backend.encoding, created=utc_now())
+        job = self.claim(key, job)
+        if job is None:
+            return None
         self.outcome.submitted += 1
         self.outcome.lines += len(job.lines)
         record = {"key": key, "lines": job.lines, "tokens": job.tokens,
                   "encoding": self.backend.encoding, "state": PREPARING}
         return self.advance(record)
+
+    def held_by_others(self, key: str, before_only: bool = False) -> set[str]:
+        """Texts of the open jobs other than `key` (only those recorded before it)."""
+        held: set[str] = set()
+        for record in self.store.open_records(self.identity.route, self.identity.model):
+            if record["key"] == key:
+                if before_only:
+                    break
+                continue
+            held |= {t for texts in record.get("lines", {}).values() for t in texts}
+        return held
+
+    def claim(self, key: str, job: Job) -> Job | None:
+        """Two processes that recorded jobs with the same texts at the same moment: the one
+        recorded first keeps them (the log has one order), the other's job gives them up
+        before anything is uploaded (it is closed when nothing is left)."""
+        kept = without(job, self.held_by_others(key, before_only=True))
+        if kept.inputs == job.inputs:
+            return job
+        if not kept.lines:
+            self.store.update(key, state=COLLECTED, status="superseded", lines={}, tokens=0)
+            return None
+        self.store.update(key, lines=kept.lines, tokens=kept.tokens, inputs=kept.inputs)
+        return kept
 
     def advance(self, record: dict) -> dict:
         """One step of a job's life, as far as it goes now: upload, create, poll, collect."""
@@ -167,6 +200,20 @@ class BatchRunner:
         self.outcome.tokens += out.tokens
         self.outcome.failed.update(out.failed)
         self.outcome.failed_texts |= {t for cid in out.failed for t in lines[cid]}
+
+
+def without(job: Job, texts: set[str]) -> Job:
+    """`job` without `texts` (its lines keep their custom_ids; emptied lines go)."""
+    if not texts:
+        return job
+    kept = Job()
+    for custom_id, line in job.lines.items():
+        rest = [t for t in line if t not in texts]
+        if rest:
+            kept.lines[custom_id] = rest
+    share = kept.inputs / job.inputs if job.inputs else 0  # a smaller job: still in the cap
+    kept.tokens, kept.bytes = round(job.tokens * share), round(job.bytes * share)
+    return kept
 
 
 def batch_errors(batch: dict) -> str:
