@@ -34,10 +34,17 @@ class Job:
     lines: dict[str, list[str]] = field(default_factory=dict)
     tokens: int = 0
     bytes: int = 0
+    inputs: int = -1   # counted from `lines` when not given, then kept by `add`
 
-    @property
-    def inputs(self) -> int:
-        return sum(len(texts) for texts in self.lines.values())
+    def __post_init__(self):
+        if self.inputs < 0:
+            self.inputs = sum(len(texts) for texts in self.lines.values())
+
+    def add(self, custom_id: str, texts: list[str], tokens: int, size: int) -> None:
+        self.lines[custom_id] = texts
+        self.inputs += len(texts)
+        self.tokens += tokens
+        self.bytes += size
 
 
 def request_line(custom_id: str, texts: list[str], model: str, encoding: str) -> dict:
@@ -91,29 +98,28 @@ def cut_jobs(texts: list[str], tokens: list[int], limits: Limits, *, model: str,
             raise ValueError(f"one request of {weight} tokens is over the enqueued-token cap "
                              f"of {limits.enqueued_tokens}: raise EMBED_BATCH_ENQUEUED_TOKENS "
                              f"or lower EMBED_BATCH_SIZE")
-        size = None
-        if job is not None:
-            custom_id = f"{key_of(len(jobs) - 1)}-{len(job.lines)}"
-            size = len(encode_line(request_line(custom_id, line_texts, model, encoding)))
-        if job is None or not fits(job, len(line_texts), weight, size, limits):
+        if job is None or not fits(job, line_texts, weight, limits, key_of(len(jobs) - 1),
+                                   model, encoding):
             job = Job()
             jobs.append(job)
-            size = None
         custom_id = f"{key_of(len(jobs) - 1)}-{len(job.lines)}"
-        if size is None:
-            size = len(encode_line(request_line(custom_id, line_texts, model, encoding)))
-        job.lines[custom_id] = line_texts
-        job.tokens += weight
-        job.bytes += size
+        job.add(custom_id, line_texts, weight, line_size(custom_id, line_texts, model, encoding))
     return jobs
 
 
-def fits(job: Job, inputs: int, tokens: int, size: int, limits: Limits) -> bool:
-    """Whether one more line of `inputs` texts, `tokens` and `size` bytes fits `job`."""
-    return len(job.lines) < limits.lines_per_job \
-        and job.inputs + inputs <= limits.inputs_per_job \
-        and job.bytes + size <= limits.bytes_per_job \
-        and job.tokens + tokens <= limits.enqueued_tokens
+def line_size(custom_id: str, texts: list[str], model: str, encoding: str) -> int:
+    """Bytes of one line in the input file, exactly."""
+    return len(encode_line(request_line(custom_id, texts, model, encoding)))
+
+
+def fits(job: Job, texts: list[str], tokens: int, limits: Limits, key: str, model: str,
+         encoding: str) -> bool:
+    """Whether one more line of `texts` (`tokens` of them) fits `job`, named `key`."""
+    if len(job.lines) >= limits.lines_per_job or job.inputs + len(texts) > limits.inputs_per_job \
+            or job.tokens + tokens > limits.enqueued_tokens:
+        return False
+    return job.bytes + line_size(f"{key}-{len(job.lines)}", texts, model, encoding) \
+        <= limits.bytes_per_job
 
 
 def input_file(job: Job, model: str, encoding: str) -> bytes:

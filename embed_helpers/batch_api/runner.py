@@ -206,11 +206,8 @@ def without(job: Job, texts: set[str]) -> Job:
     """`job` without `texts` (its lines keep their custom_ids; emptied lines go)."""
     if not texts:
         return job
-    kept = Job()
-    for custom_id, line in job.lines.items():
-        rest = [t for t in line if t not in texts]
-        if rest:
-            kept.lines[custom_id] = rest
+    lines = {cid: [t for t in line if t not in texts] for cid, line in job.lines.items()}
+    kept = Job({cid: line for cid, line in lines.items() if line})
     share = kept.inputs / job.inputs if job.inputs else 0  # a smaller job: still in the cap
     kept.tokens, kept.bytes = round(job.tokens * share), round(job.bytes * share)
     return kept
