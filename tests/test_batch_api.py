@@ -147,7 +147,7 @@ def test_listed_failures_exit_with_the_rows_and_nothing_synchronous(
 @pytest.mark.parametrize("fault, message", [("wrong_dim", "dimension 5"),
                                             ("foreign_line", "custom_id 'not-ours'")])
 def test_bad_output_is_refused_and_nothing_is_cached(batch_run, server, conn, table, fault,
-                                                     message):
+                                                     message, make_settings):
     if fault == "wrong_dim":
         server.wrong_dim = 5
     else:
@@ -155,6 +155,9 @@ def test_bad_output_is_refused_and_nothing_is_cached(batch_run, server, conn, ta
     with pytest.raises(EmbeddingValidationError, match=message):
         batch_run(frame(60), EMBEDDING_DIM=DIM)
     assert db.table_dimension(conn, table) is None
+    saved, = [json.loads(p.read_text())
+              for p in make_settings().EMBED_RUNS_DIR.glob("report-*.json")]
+    assert message in saved["error"] and saved["requests"] == server.batch_api.requests()
     assert server.total_requests("/v1/embeddings") == 0
 
 
@@ -300,3 +303,12 @@ def test_texts_another_process_put_in_a_job_meanwhile_are_left_to_it(server, mak
             for line in f.splitlines()]
     assert sorted(t for line in sent for t in line) == sorted(texts[:5] + texts[15:])
     assert [line for line in sent] == [texts[:5], texts[15:20], texts[20:]]
+
+
+def test_a_batch_the_api_fails_at_validation_is_embedded_synchronously(batch_run, server):
+    server.batch_api.enqueued_token_limit = 10  # the account's cap is lower than we were told
+    report, _s, _p = batch_run(frame(60))
+    assert report.rows_written == 60 and report.batch["texts_cached"] == 0
+    assert server.total_texts("/v1/embeddings") == 60
+    assert all("the batch ended failed (token_limit_exceeded" in why
+               for why in report.batch["failed"].values())

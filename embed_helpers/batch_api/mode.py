@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -96,8 +97,16 @@ def run_plan_batch(plan, *, conn, backend, cache, settings, progress: bool = Tru
                    limits: Limits | None = None, sleep=None):
     """Batch mode's Step 9b: the Batch API fills the cache, then the plan runs on it."""
     from ..workflow import run_plan
-    outcome, requests = fill_cache(plan, backend=backend, cache=cache, settings=settings,
-                                   limits=limits, sleep=sleep)
+    started, before = time.perf_counter(), backend.stats().get("requests", 0)
+    try:
+        outcome, requests = fill_cache(plan, backend=backend, cache=cache, settings=settings,
+                                       limits=limits, sleep=sleep)
+    except BaseException as exc:  # a crash has a bill too: saved in EMBED_RUNS_DIR
+        report = start_report(plan, settings, cache)
+        report.requests = backend.stats().get("requests", 0) - before
+        report.close_bill(backend).close([], settings, wall=time.perf_counter() - started,
+                                         cache=cache, error=exc)
+        raise
     if outcome.pending:  # --no-wait: nothing is written until the jobs are back
         report = start_report(plan, settings, cache)
         report.requests, report.tokens = requests, 0
