@@ -82,6 +82,8 @@ def cmd_ingest(args) -> int:
     report.close_bill(backend)
     if report.batch.get("pending"):  # --no-wait: the jobs are out, nothing written yet
         print("\n".join(report.batch["lines_in_words"]))
+        if args.report:
+            report.save(args.report)
         return EXIT_PENDING
     return _close(args, report, conn, target, settings)
 
