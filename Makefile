@@ -40,6 +40,7 @@ bench: $(STAMP) $(RAY_STAMP)
 	$(PY) bench/scale.py
 	$(PY) bench/long_texts.py
 	$(PY) bench/rate_limit.py
+	$(PY) bench/batch_api.py
 
 ## Re-execute notebooks/run.ipynb in place from a clean state (a new database and cache, as
 ## nbval has), to commit it with its outputs after changing it.

@@ -1,7 +1,8 @@
 """`python -m embed_helpers ingest | plan | run | cache ...`: the notebook's code path, no Jupyter.
 
 Exit status: 0 done; 1 an error stopped the run (message says what to do);
-3 the run finished but some rows failed (listed in the failures file); 130 interrupted.
+3 the run finished but some rows failed (listed in the failures file); 4 batch jobs are
+pending (--no-wait): run again to collect them; 130 interrupted.
 """
 from __future__ import annotations
 
@@ -15,14 +16,15 @@ from pathlib import Path
 from .errors import ConfigError, EmbedHelpersError
 
 log = logging.getLogger("embed_helpers")
-EXIT_ERROR, EXIT_ROWS_FAILED, EXIT_INTERRUPTED = 1, 3, 130
+EXIT_ERROR, EXIT_ROWS_FAILED, EXIT_PENDING, EXIT_INTERRUPTED = 1, 3, 4, 130
 
 
 #: CLI flags that override a setting for one run.
 FLAG_SETTINGS = {"backend": "EMBEDDING_BACKEND", "batch_size": "EMBED_BATCH_SIZE",
                  "concurrency": "EMBED_MAX_CONCURRENCY", "engine": "EMBED_ENGINE",
                  "ray_address": "RAY_ADDRESS", "workers": "EMBED_WORKERS",
-                 "encoding": "EMBED_INPUT_ENCODING"}
+                 "encoding": "EMBED_INPUT_ENCODING", "hosted_mode": "EMBED_HOSTED_MODE",
+                 "batch_wait": "EMBED_BATCH_WAIT"}
 
 
 def _settings(args):
@@ -78,6 +80,11 @@ def cmd_ingest(args) -> int:
     report = ingest(df, target, settings=settings, conn=conn, backend=backend, cache=cache,
                     progress=not args.quiet)
     report.close_bill(backend)
+    if report.batch.get("pending"):  # --no-wait: the jobs are out, nothing written yet
+        print("\n".join(report.batch["lines_in_words"]))
+        if args.report:
+            report.save(args.report)
+        return EXIT_PENDING
     return _close(args, report, conn, target, settings)
 
 
@@ -179,6 +186,11 @@ def _add_run_flags(p, name: str) -> None:
     p.add_argument("--backend", help="EMBEDDING_BACKEND for this run")
     p.add_argument("--batch-size", help="EMBED_BATCH_SIZE for this run")
     p.add_argument("--concurrency", help="EMBED_MAX_CONCURRENCY for this run")
+    p.add_argument("--batch-api", dest="hosted_mode", action="store_const", const="batch",
+                   help="EMBED_HOSTED_MODE=batch: OpenAI's Batch API, half the price, within 24 h")
+    if name == "ingest":
+        p.add_argument("--no-wait", dest="batch_wait", action="store_const", const="0",
+                       help="with --batch-api: submit the jobs and stop; rerun to collect")
     if name == "ingest":
         p.add_argument("--engine", choices=("local", "ray"), help="EMBED_ENGINE for this run")
         p.add_argument("--ray-address", help="RAY_ADDRESS: join this Ray cluster")
@@ -218,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", "-p", action="append", default=[], metavar="NAME=VALUE",
                    help="notebook parameter, repeatable (e.g. --param EMBED_BATCH_SIZE=128)")
     p.add_argument("--out", help="executed notebook path (default runs/run-<UTC time>.ipynb)")
+    from .batch_api.commands import add_parser as add_batches_parser
+    add_batches_parser(sub)
     p = sub.add_parser("cache", help="inspect, repair or move the embedding cache")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in CACHE_ACTIONS.items():

@@ -70,6 +70,12 @@ class Settings:
     EMBED_EXPECTED_TEXTS_PER_S: float | None = None
     GPU_HOURLY_USD: float | None = None
     EMBED_PRICE_PER_1M_TOKENS: float | None = None
+    EMBED_HOSTED_MODE: str = "sync"
+    EMBED_BATCH_WAIT: bool = True
+    EMBED_BATCH_POLL_S: float = 30.0
+    EMBED_BATCH_FAILED: str = "sync"
+    EMBED_BATCH_ENQUEUED_TOKENS: int = 3_000_000
+    EMBED_BATCH_PRICE_PER_1M_TOKENS: float | None = None
 
     def __repr__(self) -> str:
         parts = [f"{name}={display(self, name)!r}" for name in setting_names()]
@@ -120,6 +126,12 @@ SPEC: dict[str, tuple[Callable[[Any], Any], str]] = {
     "EMBED_EXPECTED_TEXTS_PER_S": (optional(number(0.001)), "throughput for the plan's estimate; unset = probe"),
     "EMBED_PRICE_PER_1M_TOKENS": (optional(number(0)), "USD per million tokens of a hosted API; unset = OpenAI's list price for its models"),
     "GPU_HOURLY_USD": (optional(number(0)), "price per hour of the embedding machine, for cost figures"),
+    "EMBED_HOSTED_MODE": (one_of("sync", "batch"), "llm_api: sync (/embeddings) or batch (OpenAI's Batch API: half the price, within 24 h)"),
+    "EMBED_BATCH_WAIT": (boolean, "batch mode: poll until the jobs are done (off = submit, then stop: rerun later)"),
+    "EMBED_BATCH_POLL_S": (number(0), "batch mode: seconds between two polls of the pending jobs"),
+    "EMBED_BATCH_FAILED": (one_of("sync", "list"), "batch mode: lines that failed or expired are embedded synchronously (sync) or listed as failures (list)"),
+    "EMBED_BATCH_ENQUEUED_TOKENS": (whole_number(1), "batch mode: the account's cap on enqueued tokens per model (OpenAI tier 1: 3,000,000)"),
+    "EMBED_BATCH_PRICE_PER_1M_TOKENS": (optional(number(0)), "batch mode: USD per million tokens; unset = half the synchronous price"),
 }
 
 SECRET_NAMES = ("OPENAI_API_KEY", "DATABASE_URL", "EMBED_CACHE_URL")

@@ -207,3 +207,20 @@ RATE_UNKNOWN_RESET_S = 1.0
 RATE_FORGET_WINDOWS = 3
 #: The longest single wait on the budget before looking again.
 RATE_MAX_WAIT_S = 60.0
+
+# OpenAI's Batch API (`batch_api/jobs.py`): its documented limits, per input file and batch
+#: Requests (lines) one input file may hold.
+BATCH_MAX_REQUESTS_PER_FILE = 50_000
+#: Bytes one input file may hold (200 MB), with a margin for what we cannot count exactly.
+BATCH_MAX_FILE_BYTES = 190 * 1024 * 1024
+#: Embedding inputs across all the requests of one /v1/embeddings batch.
+BATCH_MAX_INPUTS = 50_000
+#: What a batch costs against the synchronous list price (OpenAI: half).
+BATCH_PRICE_FACTOR = 0.5
+#: The one completion window OpenAI offers, and the same in hours for the plan.
+BATCH_COMPLETION_WINDOW = "24h"
+BATCH_COMPLETION_HOURS = 24
+#: The metadata key that names our job on a batch: a rerun finds a batch it created.
+BATCH_JOB_METADATA_KEY = "embed_helpers_job"
+#: Batches asked for per page when a rerun looks for one it may have created.
+BATCH_LIST_PAGE = 100

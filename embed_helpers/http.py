@@ -150,8 +150,11 @@ class HttpClient:
                 return None
         return None
 
-    def post_json(self, path: str, payload: dict, *, texts: int = 0) -> Any:
-        """POST JSON, retrying per `retry.py`; return the decoded JSON body.
+    def post_json(self, path: str, payload: dict | None, *, texts: int = 0, send=None,
+                  raw: bool = False) -> Any:
+        """POST JSON, retrying per `retry.py`; return the decoded JSON body. `send(session,
+        url, timeout)`: another request (a GET, an upload) through the same retries; `raw`:
+        the body as text (a JSONL file).
 
         `texts` is how many inputs the payload carries, counted once it succeeds. A server
         that does not answer is set aside and the request goes to another at once.
@@ -167,7 +170,8 @@ class HttpClient:
             self._count("requests")
             started = time.perf_counter()
             try:
-                response = self.session.post(url, json=payload, timeout=timeout)
+                response = send(self.session, url, timeout) if send else \
+                    self.session.post(url, json=payload, timeout=timeout)
             except requests.RequestException as exc:
                 retry = should_retry(exc)
                 self.pool.release(server, ok=False, down=retry)
@@ -181,7 +185,7 @@ class HttpClient:
             self.governor.observe(ticket, response.status_code, response.headers)
             if response.ok:
                 try:
-                    body = response.json()
+                    body = response.text if raw else response.json()
                 except ValueError:
                     self.pool.release(server, ok=False)
                     raise BackendError(f"{self.service} at {url} answered HTTP "

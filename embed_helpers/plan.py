@@ -44,6 +44,7 @@ class Plan:
     probe_texts: int = 0          # texts the probe paid for (now cached)
     runs: int = 0                 # times `run_plan` carried it out
     notes: list[str] = field(default_factory=list)
+    batch_rows: list = field(default_factory=list)   # EMBED_HOSTED_MODE=batch (`batch_api`)
 
     def batches(self) -> list[list[str]]:
         """The requests the run will send (before any split the server asks for)."""
@@ -103,7 +104,7 @@ class Plan:
             rows.append((f"estimated cost at ${self.price_per_1m[0]}/1M tokens "
                          f"({self.price_per_1m[1]})",
                          f"${self.est_token_cost_usd:.4f} ({self.tokens_to_embed:,} tokens{how})"))
-        return rows
+        return rows + self.batch_rows
 
     def __str__(self) -> str:
         width = max(len(k) for k, _ in self.as_rows())
@@ -129,6 +130,9 @@ def make_plan(rows: Rows, target: Target, *, conn, backend, cache, settings,
                 texts_per_s=settings.EMBED_EXPECTED_TEXTS_PER_S,
                 gpu_hourly_usd=settings.GPU_HOURLY_USD, price_per_1m=backend.price_per_1m_tokens,
                 cache_name=cache.describe() if cache is not None else "")
+    if settings.EMBED_HOSTED_MODE == "batch":
+        from .batch_api.mode import plan_rows
+        plan.batch_rows = plan_rows(plan, backend, cache, settings)
     if dim is None:
         plan.notes.append("the dimension is learned from the first batch (no probe request)")
     return plan

@@ -151,6 +151,10 @@ def run_plan(plan: Plan, *, conn, backend: Backend, cache, settings: Settings,
     engine is chosen). Without a known dimension, the table is created when the first
     batch says it (no probe request). A plan can be run again (after a failure, or to
     finish what another process left): each run starts from what is stored and cached."""
+    if settings.EMBED_HOSTED_MODE == "batch":  # the Batch API fills the cache, then this
+        from .batch_api.mode import run_plan_batch
+        return run_plan_batch(plan, conn=conn, backend=backend, cache=cache, settings=settings,
+                              progress=progress)
     if plan.runs:  # rows stored since the plan was made are not new any more
         plan.stored_ids |= set(db.stored_state(conn, plan.target.table, plan.target.id_col,
                                                plan.target.text_col, plan.target.chunks_table,

@@ -14,6 +14,8 @@ whatever order concurrent clients send them in.
 Run standalone for benchmarks (the server then does not share the client's GIL):
     python tests/fake_server.py --profile ollama-gpu --dim 768 [--port 0]
 prints "READY http://127.0.0.1:PORT"; GET /_stats gives the counters, POST /_reset clears them.
+OpenAI's Batch API (files, batches, their output) is `fake_batch_api.py`'s, mounted here; GET
+/_batch_stats gives its counters.
 """
 from __future__ import annotations
 
@@ -32,9 +34,11 @@ from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
+from fake_batch_api import FakeBatchAPI
 
 OPENAI, EMBED, LEGACY = "/v1/embeddings", "/api/embed", "/api/embeddings"
 ROUTES = (OPENAI, EMBED, LEGACY)
+BATCH_ROUTES = ("/v1/files", "/v1/batches")
 LEGACY_SCALE = 3.0  # the legacy route's vectors are not unit length: make that visible
 
 
@@ -239,6 +243,7 @@ class FakeEmbeddingServer:
         self._inflight = 0
         self._slots = threading.Semaphore(latency.slots if latency else 1_000_000)
         self.reset()
+        self.batch_api = FakeBatchAPI(lambda text: self.vector(text, OPENAI), count_tokens)
         self._httpd = _Server(("127.0.0.1", port), _Handler)
         self._httpd.fake = self
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
@@ -497,6 +502,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     def do_GET(self) -> None:
+        if self.path.startswith(BATCH_ROUTES):  # OpenAI's Batch API (fake_batch_api.py)
+            return self.server.fake.batch_api.handle(self, "GET", b"")
+        if self.path == "/_batch_stats":  # the Batch API's counters, for benchmarks
+            return self.reply(200, json.dumps(self.server.fake.batch_api.stats()).encode())
         if self.path == "/_stats":
             return self.reply(200, json.dumps(self.server.fake.counts).encode())
         fake = self.server.fake
@@ -532,6 +541,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.fake.reset()
             return self.reply(200, b"{}")
         fake = self.server.fake
+        if self.path.startswith(BATCH_ROUTES):
+            return fake.batch_api.handle(self, "POST", raw)
         if self.path == "/api/show" and fake.context_length is not None:
             model = (json.loads(raw or b"{}").get("model") or "")
             return self.reply(200, json.dumps({"details": {"family": "nomic-bert"}, "model_info": {

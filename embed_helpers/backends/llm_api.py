@@ -33,6 +33,7 @@ class OpenAIBackend(RemoteBackend):
     model_setting = "OPENAI_EMBED_MODEL"
     url_setting = "OPENAI_BASE_URL"
     service = "the embedding API"
+    speaks_batch_api = True  # EMBED_HOSTED_MODE=batch: OpenAI's /files and /batches (batch_api/)
 
     def __init__(self, settings: Settings, **options):
         key = settings.OPENAI_API_KEY
