@@ -180,9 +180,11 @@ class RateGovernor:
             ledger.close()
             return self._transact(change)
 
-    def estimate(self, payload: dict) -> tuple[float, float]:
+    def estimate(self, payload: dict | None) -> tuple[float, float]:
         """(our byte estimate of the tokens a request carries, the same in the server's
-        count): scaled by what the server billed so far (`usage`) against our estimate."""
+        count): scaled by what the server billed so far (`usage`) against our estimate.
+        A request without a JSON body (the Batch API's uploads and polls) carries none."""
+        payload = payload or {}
         texts = payload.get("input", payload.get("prompt", []))
         texts = [texts] if isinstance(texts, str) else [t for t in texts if isinstance(t, str)]
         raw = float(sum(self._counter.count(texts)))
@@ -190,7 +192,7 @@ class RateGovernor:
             ratio = self._billed / self._estimated if self._billed and self._estimated else 1.0
         return raw, raw * ratio
 
-    def acquire(self, payload: dict) -> Ticket:
+    def acquire(self, payload: dict | None) -> Ticket:
         """Wait until the budget allows this request; its ticket goes to `observe`."""
         raw, tokens = self.estimate(payload)
         ticket = Ticket({"requests": 1.0, "tokens": tokens}, estimate=raw)
