@@ -39,7 +39,7 @@ def _data_path(args) -> Path:
 def _load(args, settings):
     """Steps 3-5: CSV or Parquet files through `readers` (no pandas to import), else Synthea;
     a PostgreSQL source is opened (its query checked), to be read in windows."""
-    from .sources import source_from_args
+    from .streaming import source_from_args
     source = source_from_args(args, settings)  # None unless --data postgresql://...
     if source is not None:
         return source, source.id_col, source.text_col

@@ -147,6 +147,8 @@ class PostgresSource:
                 returned = [d.name for d in cur.description]
             self.id_col, self.text_col = pick_columns(returned, self.id_col, self.text_col,
                                                       self.extra_cols)
+            self.extra_cols = tuple(c for c in self.extra_cols
+                                    if c not in (self.id_col, self.text_col))
         except (psycopg2.Error, DataError) as exc:
             self.close()
             raise self._failed(exc) if isinstance(exc, psycopg2.Error) else exc from None
@@ -284,15 +286,3 @@ def connect_readonly(dsn: str, where: str):
 def open_source(dsn: str, **options) -> PostgresSource:
     """A PostgreSQL source, connected and its columns checked (see `PostgresSource`)."""
     return PostgresSource(dsn, **options).open()
-
-
-def source_from_args(args, settings) -> PostgresSource | None:
-    """The CLI's `--data postgresql://... --query/--source-table`, opened; None for a file."""
-    if not is_postgres_source(args.data):
-        if args.query or args.source_table:
-            raise DataError("--query and --source-table read a PostgreSQL source: give "
-                            "--data postgresql://user@host/db with one of them.")
-        return None
-    return open_source(args.data, query=args.query, table=args.source_table,
-                       id_col=args.id_col, text_col=args.text_col, limit=args.limit,
-                       window=settings.EMBED_SOURCE_WINDOW)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import closing
 from dataclasses import fields
 
 from .plan import Plan
 from .report import RunReport
-from .sources import PostgresSource
+from .errors import DataError
+from .sources import PostgresSource, is_postgres_source, open_source
 from .steps import Target
 from .workflow import plan_ingest, run_plan
 
@@ -33,6 +35,18 @@ TIMES = {"wall_s", "server_busy_s", "db_s", "client_only_s"}
 LONG_SUMS = ("over", "chars", "chars_beyond", "chunks")
 
 
+def source_from_args(args, settings) -> PostgresSource | None:
+    """The CLI's `--data postgresql://... --query/--source-table`, opened; None for a file."""
+    if not is_postgres_source(args.data):
+        if args.query or args.source_table:
+            raise DataError("--query and --source-table read a PostgreSQL source: give "
+                            "--data postgresql://user@host/db with one of them.")
+        return None
+    return open_source(args.data, query=args.query, table=args.source_table,
+                       id_col=args.id_col, text_col=args.text_col, limit=args.limit,
+                       window=settings.EMBED_SOURCE_WINDOW)
+
+
 def ingest_source(source: PostgresSource, target: Target, *, settings, conn, backend, cache,
                   progress: bool = True) -> RunReport:
     """Steps 8 and 9b over a source read in windows: each window planned and run like a
@@ -41,17 +55,18 @@ def ingest_source(source: PostgresSource, target: Target, *, settings, conn, bac
     started = time.perf_counter()
     total, release = None, None
     try:
-        for window in source.windows():
-            plan = plan_ingest(window.columns(target.id_col, target.text_col), target,
-                               settings=settings, conn=conn, backend=backend, cache=cache)
-            if settings.EMBED_ENGINE == "ray" and plan.todo and release is None:
-                from .ray_engine.driver import hold_ray  # once for every window
-                release = hold_ray(settings)
-            offset = time.perf_counter() - started
-            part = run_plan(plan, conn=conn, backend=backend, cache=cache, settings=settings,
-                            progress=progress)
-            part.rows_duplicate += window.repeated_before
-            total = merge_reports(total, part, offset)
+        with closing(source.windows()) as windows:  # a window that fails ends the cursor
+            for window in windows:
+                plan = plan_ingest(window.columns(target.id_col, target.text_col), target,
+                                   settings=settings, conn=conn, backend=backend, cache=cache)
+                if settings.EMBED_ENGINE == "ray" and plan.todo and release is None:
+                    from .ray_engine.driver import hold_ray  # once for every window
+                    release = hold_ray(settings)
+                offset = time.perf_counter() - started
+                part = run_plan(plan, conn=conn, backend=backend, cache=cache,
+                                settings=settings, progress=progress)
+                part.rows_duplicate += window.repeated_before
+                total = merge_reports(total, part, offset)
     except BaseException:
         if total is not None:
             log.warning("the source's first %d rows were run (%d written) before this window "
@@ -246,11 +261,12 @@ def plan_source(source: PostgresSource, target: Target, *, settings, conn, backe
     with texts to embed may time one probe batch (cached, so not paid twice)."""
     totals = StreamPlan(source)
     try:
-        for window in source.windows():
-            plan = plan_ingest(window.columns(target.id_col, target.text_col), target,
-                               settings=settings, conn=conn, backend=backend, cache=cache,
-                               probe=probe and totals.texts_per_s is None)
-            totals.add(plan, window.repeated_before)
+        with closing(source.windows()) as windows:
+            for window in windows:
+                plan = plan_ingest(window.columns(target.id_col, target.text_col), target,
+                                   settings=settings, conn=conn, backend=backend, cache=cache,
+                                   probe=probe and totals.texts_per_s is None)
+                totals.add(plan, window.repeated_before)
     finally:
         source.close()
     return totals

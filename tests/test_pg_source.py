@@ -126,6 +126,17 @@ def test_the_plan_streams_counts_and_creates_nothing(settings, server, conn, not
     assert "windows read" in str(plan) and "texts to embed" in str(plan)
 
 
+def test_a_window_holds_ids_as_text_and_the_extra_columns(notes):
+    source = open_source(source_url(), query=f'SELECT * FROM "{notes}" ORDER BY note_id',
+                         id_col="note_id", text_col="body", extra_cols=("ward", "note_id"),
+                         window=WINDOW, limit=10)
+    first, second = list(source.windows())
+    assert first.ids == [str(i) for i in range(1, 8)] and first.texts[4] is None
+    assert first.extras == {"ward": [f"ward {i % 3}" for i in range(1, 8)]}
+    assert (second.first, second.ids) == (7, ["8", "9", "10"])
+    assert not source.complete and source.closed   # --limit read only a part
+
+
 def test_missing_columns_are_named_with_those_the_query_returns(notes):
     with pytest.raises(DataError) as err:
         open_source(source_url(), query=f'SELECT note_id, ward FROM "{notes}"',
@@ -194,6 +205,10 @@ def test_the_dsn_password_is_masked_everywhere():
         source.open()
     shown.append(str(err.value))
     assert "no_such_database_here" in str(err.value)
+    unencoded = url.replace(quote(PASSWORD, safe=""), PASSWORD)   # refused, masked whole
+    with pytest.raises(DatabaseError, match="URL-encoded") as err:
+        open_source(unencoded, query="SELECT 1, 2")
+    shown.append(str(err.value))
     for text in shown:
         assert "****" in text and not any(s in text for s in secrets), text
 
