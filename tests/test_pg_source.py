@@ -3,6 +3,7 @@ session's database, a real loopback embedding server, both engines. Windows of 7
 every source spans several."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
@@ -91,6 +92,8 @@ def test_windows_ingest_then_a_rerun_after_ten_changes_embeds_ten(settings, serv
     assert sorted(report.empty_ids) == ["23", "5"]
     assert report.requests == server.total_requests(OPENAI) and report.texts_embedded == 38
     assert source.complete and source.ids_seen == {str(i) for i in range(1, 41)}
+    assert [rows for _t, rows in report.timeline][-1] == 38   # counted over the windows
+    assert [t for t, _r in report.timeline] == sorted(t for t, _r in report.timeline)
 
     with conn.cursor() as cur:   # ten notes change, in several windows
         cur.execute(f'UPDATE "{notes}" SET body = body || $$ (amended)$$ WHERE note_id % 4 = 1 '
@@ -114,6 +117,25 @@ def test_a_later_window_overwrites_an_earlier_row_of_the_same_id(settings, conn,
     assert sorted(rows) == [str(i) for i in range(10)]
     assert rows["3"][0] == "note 33 about visit 1"   # the last row of id 3, in the last window
     assert report.rows_read == 38 and report.rows_duplicate == 28
+
+
+def test_failures_of_several_windows_are_listed_in_one_file(settings, server, conn, notes,
+                                                            table):
+    server.poison = {"note 3 about visit 3", "note 30 about visit 2"}   # windows 1 and 5
+    report = stream(settings, conn, table, open_source(source_url(), table=notes, window=WINDOW,
+                                                       id_col="note_id", text_col="body"))
+    assert report.rows_failed == 2 and report.rows_written == 36
+    with open(report.failures_path) as listed:
+        assert sorted(json.loads(line)["id"] for line in listed) == ["3", "30"]
+    assert len(list((settings.EMBED_RUNS_DIR).glob("failures-*.jsonl"))) == 1
+
+
+def test_an_empty_source_is_a_run_of_nothing(settings, server, conn, notes, table):
+    source = open_source(source_url(), query=f'SELECT note_id, body FROM "{notes}" WHERE false')
+    report = stream(settings, conn, table, source)
+    assert (report.rows_read, report.rows_written, report.table) == (0, 0, table)
+    assert source.complete and server.total_requests() == 0
+    assert db.table_dimension(conn, table) is None
 
 
 def test_the_plan_streams_counts_and_creates_nothing(settings, server, conn, notes, table):
