@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping
 from dotenv import dotenv_values
 
 from .registry import DEFAULT_BACKEND, REGISTRY
-from .constants import (DEFAULT_CACHE_PATH, DEFAULT_PGDATA, DEFAULT_RUNS_DIR, PROJECT_ROOT,
-                        SOURCE_WINDOW_ROWS)
+from .constants import DEFAULT_CACHE_PATH, DEFAULT_PGDATA, DEFAULT_RUNS_DIR, PROJECT_ROOT
+from .constants import SOURCE_WINDOW_ROWS
 from .errors import ConfigError
 from .printing import Secret, mask, mask_url, relative  # noqa: F401  (settings API)
 from .setting_values import (boolean, codec, dsn, number, one_of, optional, path_value, secret,  # noqa: F401
