@@ -118,12 +118,15 @@ class PostgresSource:
             raise DataError("A PostgreSQL source needs exactly one of --query \"SELECT id, "
                             "text FROM notes\" or --source-table notes.")
         check_limit(limit)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise DataError(f"EMBED_SOURCE_WINDOW must be a whole number of rows >= 1; got "
+                            f"{window!r}")
         self._dsn = str(dsn)
         self.where = mask_url(self._dsn)
         self.query = clean_query(query) if table is None else _select_all(table)
         self.what = f"query {self.query!r}" if table is None else f"table {table}"
         self.id_col, self.text_col, self.extra_cols = id_col, text_col, tuple(extra_cols)
-        self.limit, self.window = limit, int(window)
+        self.limit, self.window = limit, window
         self.ids_seen: set[str] = set()
         self.rows_read = self.rows_with_text = 0
         self.complete, self._conn, self._started = False, None, False

@@ -166,6 +166,8 @@ def test_missing_columns_are_named_with_those_the_query_returns(notes):
     assert "'body'" in str(err.value) and "'note_id', 'ward'" in str(err.value)
     with pytest.raises(DataError, match="exactly one of --query"):
         PostgresSource(source_url(), query="SELECT 1", table=notes)
+    with pytest.raises(DataError, match="EMBED_SOURCE_WINDOW"):   # never a read of nothing
+        PostgresSource(source_url(), table=notes, window=0)
 
 
 def test_a_bad_query_is_said_in_words_before_anything_is_paid(settings, server, conn, notes,
