@@ -53,7 +53,7 @@ def ingest_source(source: PostgresSource, target: Target, *, settings, conn, bac
     whole input, the reports merged into one. The source is closed at the end; its
     `ids_seen` and `complete` say what was read (for a sync that deletes what is gone)."""
     started = time.perf_counter()
-    total, release = None, None
+    total, release, ray_start = None, None, 0.0
     try:
         with closing(source.windows()) as windows:  # a window that fails ends the cursor
             for window in windows:
@@ -61,7 +61,8 @@ def ingest_source(source: PostgresSource, target: Target, *, settings, conn, bac
                                    settings=settings, conn=conn, backend=backend, cache=cache)
                 if settings.EMBED_ENGINE == "ray" and plan.todo and release is None:
                     from .ray_engine.driver import hold_ray  # once for every window
-                    release = hold_ray(settings)
+                    t0 = time.perf_counter()
+                    release, ray_start = hold_ray(settings), time.perf_counter() - t0
                 offset = time.perf_counter() - started
                 part = run_plan(plan, conn=conn, backend=backend, cache=cache,
                                 settings=settings, progress=progress)
@@ -80,6 +81,8 @@ def ingest_source(source: PostgresSource, target: Target, *, settings, conn, bac
         total = RunReport(table=target.table, engine=settings.EMBED_ENGINE,
                           backend=settings.EMBEDDING_BACKEND, model=backend.model,
                           route=backend.route)
+    if ray_start:  # the windows found Ray started: its start-up is the run's
+        total.ray_startup_s = round((total.ray_startup_s or 0) + ray_start, 2)
     return finish(total, time.perf_counter() - started)
 
 
