@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import numpy as np
 import pytest
-from fake_server import OPENAI, FakeEmbeddingServer, expected_vector
+from fake_server import EMBED, OPENAI, FakeEmbeddingServer, expected_vector
 from psycopg2.extensions import parse_dsn
 
 from embed_helpers import cli, db
@@ -270,5 +270,6 @@ def test_the_ray_engine_runs_every_window_on_one_ray(make_settings, server, conn
     assert len(rows) == 19 and report.rows_written == 19 and report.engine == "ray"
     for text, vector in rows.values():
         np.testing.assert_allclose(vector, expected_vector(text, DIM), atol=1e-6)
-    assert report.requests == server.total_requests() and report.texts_embedded == 19
+    assert report.requests == server.total_requests(EMBED) and report.texts_embedded == 19
+    assert server.total_texts(EMBED) == 19
     assert sum(w["rows"] for w in report.workers.values()) == 19
