@@ -41,6 +41,7 @@ bench: $(STAMP) $(RAY_STAMP)
 	$(PY) bench/long_texts.py
 	$(PY) bench/rate_limit.py
 	$(PY) bench/batch_api.py
+	$(PY) bench/pg_source.py
 
 ## Re-execute notebooks/run.ipynb in place from a clean state (a new database and cache, as
 ## nbval has), to commit it with its outputs after changing it.

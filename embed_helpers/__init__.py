@@ -24,6 +24,8 @@ _EXPORTS = {
     "figures": ["comparison_table", "plot_run"],
     "report": ["RunReport", "default_report_path"],
     "retrieval": ["create_hnsw_index", "search"],
+    "sources": ["PostgresSource", "open_source"],
+    "streaming": ["ingest_source", "plan_source"],
     "workflow": ["RawInput", "build_index", "build_rows", "clean_raw", "discover_dimension",
                  "ingest", "ingest_per_row", "load_raw", "parity_check", "plan_ingest",
                  "insert_rows", "run_plan", "semantic_search"],

@@ -39,7 +39,12 @@ def _data_path(args) -> Path:
 
 
 def _load(args, settings):
-    """Steps 3-5: CSV or Parquet files through `readers` (no pandas to import), else Synthea."""
+    """Steps 3-5: CSV or Parquet files through `readers` (no pandas to import), else Synthea;
+    a PostgreSQL source is opened (its query checked), to be read in windows."""
+    from .streaming import source_from_args
+    source = source_from_args(args, settings)  # None unless --data postgresql://...
+    if source is not None:
+        return source, source.id_col, source.text_col
     path = _data_path(args)
     encoding = settings.EMBED_INPUT_ENCODING
     if args.id_col and args.text_col and not (path / "patients.csv").is_file():
@@ -68,7 +73,10 @@ def _prepare(args):
     conn = db.connect(settings)
     backend = get_backend(settings)
     cache = open_cache(settings)
-    print(f"input {args.data}: {len(df[id_col])} rows; table {target.table}; backend "
+    from .sources import PostgresSource  # its describe() masks the DSN's password
+    shown = df.describe() if isinstance(df, PostgresSource) else \
+        f"{args.data}: {len(df[id_col])} rows"
+    print(f"input {shown}; table {target.table}; backend "
           f"{settings.EMBEDDING_BACKEND} ({backend.model}); cache {cache.describe()}")
     return settings, df, target, conn, backend, cache
 
@@ -77,6 +85,9 @@ def cmd_ingest(args) -> int:
     from .workflow import ingest
 
     settings, df, target, conn, backend, cache = _prepare(args)
+    from .sources import PostgresSource
+    if isinstance(df, PostgresSource):  # planned and run window by window
+        from .streaming import ingest_source as ingest
     report = ingest(df, target, settings=settings, conn=conn, backend=backend, cache=cache,
                     progress=not args.quiet)
     report.close_bill(backend)
@@ -109,6 +120,9 @@ def cmd_plan(args) -> int:
     from .workflow import plan_ingest
 
     settings, df, target, conn, backend, cache = _prepare(args)
+    from .sources import PostgresSource
+    if isinstance(df, PostgresSource):  # the windows' plans added up
+        from .streaming import plan_source as plan_ingest
     print(plan_ingest(df, target, settings=settings, conn=conn, backend=backend, cache=cache,
                       probe=not args.no_probe))
     return 0
@@ -176,9 +190,12 @@ def cmd_cache(args) -> int:
 
 def _add_run_flags(p, name: str) -> None:
     p.add_argument("--data", default="data/sample/synthea",
-                   help="Synthea folder, or a CSV or Parquet file, or a folder of them")
-    p.add_argument("--id-col", help="id column of a CSV")
-    p.add_argument("--text-col", help="text column of a CSV")
+                   help="Synthea folder, or a CSV or Parquet file, or a folder of them, or a "
+                        "PostgreSQL source postgresql://... (with --query or --source-table)")
+    p.add_argument("--query", help="PostgreSQL source: the SELECT giving the id and text")
+    p.add_argument("--source-table", help="PostgreSQL source: a table to read whole")
+    p.add_argument("--id-col", help="id column (PostgreSQL source: default its first column)")
+    p.add_argument("--text-col", help="text column (PostgreSQL: default its next column)")
     p.add_argument("--table", help="target table (default patient_embeddings / embeddings)")
     p.add_argument("--limit", type=int, help="only the first N rows (N >= 1)")
     p.add_argument("--encoding", help="EMBED_INPUT_ENCODING: the CSV files' text encoding "

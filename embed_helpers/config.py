@@ -17,6 +17,7 @@ from dotenv import dotenv_values
 
 from .registry import DEFAULT_BACKEND, REGISTRY
 from .constants import DEFAULT_CACHE_PATH, DEFAULT_PGDATA, DEFAULT_RUNS_DIR, PROJECT_ROOT
+from .constants import SOURCE_WINDOW_ROWS
 from .errors import ConfigError
 from .printing import Secret, mask, mask_url, relative  # noqa: F401  (settings API)
 from .setting_values import (boolean, codec, dsn, number, one_of, optional, path_value, secret,  # noqa: F401
@@ -65,6 +66,7 @@ class Settings:
     EMBED_INDEX: str = "auto"
     EMBED_RUNS_DIR: Path = DEFAULT_RUNS_DIR
     EMBED_INPUT_ENCODING: str = "utf-8"
+    EMBED_SOURCE_WINDOW: int = SOURCE_WINDOW_ROWS
     EMBED_WORKERS: int | None = None
     RAY_ADDRESS: str | None = None
     EMBED_EXPECTED_TEXTS_PER_S: float | None = None
@@ -121,6 +123,7 @@ SPEC: dict[str, tuple[Callable[[Any], Any], str]] = {
     "EMBED_INDEX": (one_of("auto", "always", "never"), "HNSW index after the load: auto (from 20,000 rows), always, never"),
     "EMBED_RUNS_DIR": (path_value, "where failure lists and reports go; relative paths are from the project root"),
     "EMBED_INPUT_ENCODING": (codec, "text encoding of input CSV files (a UTF-8 BOM is always dropped); e.g. cp1252 for Excel's plain CSV"),
+    "EMBED_SOURCE_WINDOW": (whole_number(1), "rows of a PostgreSQL source (--data postgresql://...) read, planned and run at a time"),
     "EMBED_WORKERS": (optional(whole_number(1)), "Ray workers; unset = one per GPU (local) or per server"),
     "RAY_ADDRESS": (optional(text), "Ray cluster to join (ray://host:10001 or host:6379); unset = a local Ray"),
     "EMBED_EXPECTED_TEXTS_PER_S": (optional(number(0.001)), "throughput for the plan's estimate; unset = probe"),

@@ -183,6 +183,11 @@ READ_BLOCK_ROWS = 10_000
 #: How many file lines (bad rows, empty ids) or duplicate ids an input error lists.
 INPUT_ERRORS_SHOWN = 10
 
+# PostgreSQL sources (embed_helpers.sources, embed_helpers.streaming)
+#: Rows read, planned and run at a time from a PostgreSQL source (EMBED_SOURCE_WINDOW):
+#: a run's memory holds one window of rows, whatever the size of the table.
+SOURCE_WINDOW_ROWS = 10_000
+
 # Table names (embed_helpers.table_names)
 #: PostgreSQL keeps the first 63 bytes of a name (NAMEDATALEN - 1) and drops the rest.
 MAX_NAME_BYTES = 63

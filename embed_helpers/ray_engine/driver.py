@@ -59,6 +59,16 @@ def run_plan_ray(plan: Plan, *, settings: Settings, backend, cache,
     return report.close(failures, settings, wall=time.perf_counter() - started)
 
 
+def hold_ray(settings: Settings):
+    """Start (or join) Ray once for several plans, a streamed source's windows, so that each
+    `run_plan_ray` finds it running; returns what ends it (nothing when it already ran)."""
+    ray = _ray()
+    if ray.is_initialized():
+        return lambda: None
+    _start(ray, for_engine(replace(settings, EMBED_ENGINE="ray")))
+    return ray.shutdown
+
+
 def _run(ray, plan: Plan, settings: Settings, servers: int, report: RunReport,
          failures: list[dict], progress: bool) -> None:
     """The workers over the plan's rows in blocks, their summaries into the report."""
