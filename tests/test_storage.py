@@ -181,3 +181,15 @@ def test_local_model_truncates_and_renormalises(make_settings):
     assert np.allclose(cut, want, atol=1e-6)
     with pytest.raises(ConfigError, match="makes 384-dim vectors"):
         dimensions.check_width("all-MiniLM-L6-v2", 384, 512)  # what the loaded model is asked
+
+
+def test_pgvector_limits_are_said_before_a_table_exists(make_settings):
+    from embed_helpers.storage import column_sql, index_parts
+    with pytest.raises(DataError, match="at most 16,000"):
+        column_sql("halfvec", 16_001)
+    with pytest.raises(DataError, match="HNSW indexes halfvec up to 4,000.*EMBED_INDEX=never"):
+        index_parts("halfvec", 4_001)
+    assert index_parts("halfvec", 4_000)[1] == "halfvec_cosine_ops"
+    assert index_parts("vector", 3_072)[1] == "halfvec_cosine_ops"  # a cast: vector to 2,000
+    with pytest.raises(ConfigError, match="EMBED_DIMENSIONS: is 256 but EMBEDDING_DIM is 1536"):
+        dimensions.expected(make_settings(EMBED_DIMENSIONS=256, EMBEDDING_DIM=1536))
