@@ -42,6 +42,8 @@ class Settings:
     EMBEDDING_TIMEOUT: float = 60.0
     EMBEDDING_DIM: int | None = None
     EMBED_ENCODING: str = "base64"
+    EMBED_DIMENSIONS: int | None = None
+    EMBED_STORAGE: str = "vector"
     EMBED_LONG_TEXTS: str = "chunk"
     EMBED_CHUNK_OVERLAP: int = 32
     EMBED_MAX_INPUT_TOKENS: int | None = None
@@ -99,6 +101,8 @@ SPEC: dict[str, tuple[Callable[[Any], Any], str]] = {
     "EMBEDDING_TIMEOUT": (number(0.1), "seconds to wait for one response"),
     "EMBEDDING_DIM": (optional(whole_number(1)), "expected dimension; unset = from the table, the cache or the first batch"),
     "EMBED_ENCODING": (one_of(*ENCODINGS), "OpenAI-compatible response encoding: base64 (smaller; float if the server refuses) or float"),
+    "EMBED_DIMENSIONS": (optional(whole_number(1)), "ask the model for vectors this short (`dimensions`: Matryoshka models such as text-embedding-3); unset = full width"),
+    "EMBED_STORAGE": (one_of("vector", "halfvec"), "column type of the vectors: vector (4 bytes a value) or halfvec (2 bytes: half the storage)"),
     "EMBED_LONG_TEXTS": (one_of("chunk", "truncate", "fail"), "texts over the model's window: chunk (with overlap), truncate (warned), or fail"),
     "EMBED_CHUNK_OVERLAP": (whole_number(0), "tokens shared by neighbouring chunks of a long text"),
     "EMBED_MAX_INPUT_TOKENS": (optional(whole_number(1)), "tokens one input may hold; unset = the model's own window"),

@@ -45,6 +45,9 @@ WRITE_CHUNK_ROWS = 5000
 LOOKUP_CHUNK_IDS = 10000
 #: Above this dimension pgvector's HNSW cannot index `vector`: use a halfvec expression.
 HNSW_MAX_VECTOR_DIM = 2000
+#: pgvector's limits: HNSW indexes halfvec up to 4,000 dimensions; a column stores 16,000.
+HALFVEC_MAX_INDEX_DIM = 4000
+VECTOR_MAX_DIM = 16000
 INDEX_MAINTENANCE_WORK_MEM = "512MB"
 
 # Retry decisions (embed_helpers.retry): 5xx are retried too, except those that say the

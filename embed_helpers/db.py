@@ -18,15 +18,14 @@ from psycopg2.extras import execute_values
 
 from .config import Settings, mask_url
 from .constants import LOOKUP_CHUNK_IDS
-from .copy_format import chunks_payload, copy_new_rows, copy_rows, rows_payload
+from .copy_format import chunks_payload, copy_new_rows, copy_rows, create_stage, rows_payload
 from .db_guard import EXTERNAL, check_once, create_racing, guarded
 from .errors import DatabaseError, DataError
 from .printing import dsn_problem, without_password
+from .storage import check_table, column_sql, column_storage
 from .table_names import check_schema, regclass_text, table_ident
 
 log = logging.getLogger(__name__)
-
-STAGE_TABLE = "_embed_helpers_stage"
 
 
 def connect(settings: Settings):
@@ -106,22 +105,23 @@ def table_dimension(conn, table: str) -> int | None:  # None: no such table
 
 
 @guarded("creating {table}")
-def create_table(conn, table: str, id_col: str, text_col: str, dim: int) -> None:
-    """CREATE TABLE IF NOT EXISTS, and refuse a table made for another dimension."""
+def create_table(conn, table: str, id_col: str, text_col: str, dim: int, storage="vector") -> None:
+    """CREATE TABLE IF NOT EXISTS, and refuse a table made for another dimension or type."""
+    check_table(conn, table, storage)  # EMBED_STORAGE: vector or halfvec (`storage`)
     _create(conn, table, dim, sql.SQL("CREATE TABLE IF NOT EXISTS {t} ({id} text PRIMARY KEY, "
-                                      "{text} text NOT NULL, embedding vector({dim}))").format(
+                                      "{text} text NOT NULL, embedding {col})").format(
         t=table_ident(table), id=sql.Identifier(id_col), text=sql.Identifier(text_col),
-        dim=sql.Literal(dim)))
+        col=column_sql(storage, dim)))
 
 
 @guarded("creating {table}")
-def create_chunks_table(conn, table: str, id_col: str, dim: int) -> None:
+def create_chunks_table(conn, table: str, id_col: str, dim: int, storage="vector") -> None:
     """`<table>_chunks`: one vector per chunk of a long row, with its character span."""
     _create(conn, table, dim, sql.SQL(
         "CREATE TABLE IF NOT EXISTS {t} ({id} text NOT NULL, chunk int NOT NULL, "
-        "char_start int NOT NULL, char_end int NOT NULL, embedding vector({dim}) NOT NULL, "
+        "char_start int NOT NULL, char_end int NOT NULL, embedding {col} NOT NULL, "
         "PRIMARY KEY ({id}, chunk))").format(t=table_ident(table), id=sql.Identifier(id_col),
-                                            dim=sql.Literal(dim)))
+                                            col=column_sql(storage, dim)))
 
 
 def _create(conn, table: str, dim: int, statement: sql.Composable) -> None:
@@ -182,8 +182,8 @@ def write_rows(conn, table: str, id_col: str, text_col: str, ids: Sequence[str],
         return 0
     # Decided before the transaction starts: these statements end their own transactions.
     replace_chunks = bool(chunks_table) and (bool(chunks) or table_dimension(conn, chunks_table))
-    if chunks and table_dimension(conn, chunks_table) is None:
-        create_chunks_table(conn, chunks_table, id_col, vectors.shape[1])
+    if chunks and table_dimension(conn, chunks_table) is None:  # of the row table's type
+        create_chunks_table(conn, chunks_table, id_col, vectors.shape[1], column_storage(conn, table))
     with conn.cursor() as cur:
         written = _insert(conn, cur, table, id_col, text_col, ids, texts, vectors, upsert=upsert,
                           method=method, assume_new=assume_new) if ids else set()
@@ -208,14 +208,14 @@ def _insert(conn, cur, table: str, id_col: str, text_col: str, ids, texts, vecto
         return None if upsert else {r[0] for r in rows}
     if method != "copy":
         raise ValueError(f"unknown write method {method!r}: copy or execute_values")
-    payload = rows_payload(ids, texts, vectors)
+    storage = column_storage(cur, table)  # binary COPY sends the column's own type
+    payload = rows_payload(ids, texts, vectors, storage)
     if assume_new and copy_new_rows(conn, cur, table, id_col, text_col, payload):
         return None
-    cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {s} (id text, txt text, embedding vector) "
-                        "ON COMMIT DELETE ROWS").format(s=sql.Identifier(STAGE_TABLE)))
-    copy_rows(conn, cur, STAGE_TABLE, ["id", "txt", "embedding"], payload)
+    stage = create_stage(cur, storage)
+    copy_rows(conn, cur, stage, ["id", "txt", "embedding"], payload)
     cur.execute(sql.SQL("INSERT INTO {t} ({id}, {text}, embedding) SELECT id, txt, embedding "
-                        "FROM {s} ").format(s=sql.Identifier(STAGE_TABLE), **names) + tail)
+                        "FROM {s} ").format(s=sql.Identifier(stage), **names) + tail)
     return None if upsert else {r[0] for r in cur.fetchall()}
 
 
@@ -227,7 +227,7 @@ def _replace_chunks(conn, cur, table: str, id_col: str, ids: Sequence[str],
         t=table_ident(table), id=sql.Identifier(id_col)), (list(ids),))
     if chunks:
         copy_rows(conn, cur, table, [id_col, "chunk", "char_start", "char_end", "embedding"],
-              chunks_payload(chunks))
+              chunks_payload(chunks, column_storage(cur, table)))
 
 
 def _conflict(upsert: bool, id_col: str, text_col: str) -> sql.Composable:
@@ -246,7 +246,7 @@ def insert_one(conn, table: str, id_col: str, text_col: str, row_id: str, text: 
     chunks_table = f"{table}_chunks"
     replace_chunks = bool(chunks) or table_dimension(conn, chunks_table)
     if chunks and table_dimension(conn, chunks_table) is None:
-        create_chunks_table(conn, chunks_table, id_col, len(vector))
+        create_chunks_table(conn, chunks_table, id_col, len(vector), column_storage(conn, table))
     with conn.cursor() as cur:
         cur.execute(sql.SQL("INSERT INTO {t} ({id}, {text}, embedding) VALUES (%s, %s, %s) ")
                     .format(t=table_ident(table), id=sql.Identifier(id_col),

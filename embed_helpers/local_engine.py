@@ -40,7 +40,7 @@ class TableSink:
         pieces, target = self.plan.pieces, self.plan.target
         if not self.table_ready:
             db.create_table(self.conn, target.table, target.id_col, target.text_col,
-                            done.vectors.shape[1])
+                            done.vectors.shape[1], self.settings.EMBED_STORAGE)
             self.table_ready = True
         assume_new = not any(pieces.ids[r] in self.plan.stored_ids for r in done.rows)
         steps.write(self.conn, target, pieces, done, upsert=self.settings.UPSERT,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from . import steps
+from . import steps, storage
 from .identity import Identity
 from .pieces import Pieces
 from .resilient import BatchSizer
@@ -116,6 +116,7 @@ def make_plan(rows: Rows, target: Target, *, conn, backend, cache, settings,
               dim: int | None, dim_source: str = "") -> Plan:
     """Count unchanged rows, long texts, cached texts and texts to embed; touch nothing."""
     window = backend.window
+    storage.check_table(conn, target.table, settings.EMBED_STORAGE)  # before anything is paid
     policy = settings.EMBED_LONG_TEXTS
     todo, unchanged, stored_ids = steps.drop_unchanged(conn, target, rows, window, policy)
     work = rows.take(todo)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from . import dimensions
 from .constants import BISECT_FAILURE_SLACK, PREVIEW_CHARS
 from .errors import (BackendError, BadInput, BatchTooLarge, EmbeddingValidationError,
                      SomeInputsFailed)
@@ -199,6 +200,8 @@ class _Resilient:
 def dimension_error(route: str, model: str, got: int, want: int, *, expected: bool = True,
                     source: str = "EMBEDDING_DIM") -> EmbeddingValidationError:
     """The message for vectors of the wrong size, saying what to set."""
+    if source == dimensions.SETTING:
+        return dimensions.ignored_error(route, model, got, want)
     if not expected:
         return EmbeddingValidationError(
             f"{route} returned {got}-dim and {want}-dim vectors for model {model!r} in one run; "

@@ -10,28 +10,15 @@ import logging
 import numpy as np
 from psycopg2 import sql
 
-from .constants import (HNSW_MAX_VECTOR_DIM, INDEX_AUTO_MIN_ROWS, INDEX_MAINTENANCE_WORK_MEM,
-                        SEARCH_OVERFETCH)
+from .constants import INDEX_AUTO_MIN_ROWS, INDEX_MAINTENANCE_WORK_MEM, SEARCH_OVERFETCH
 from .db import table_dimension
 from .db_guard import guarded
+from .storage import column_storage, index_parts, query_cast, searched
 from .table_names import regclass_text, table_ident, unqualified
 
 log = logging.getLogger(__name__)
 
 INDEX_POLICIES = ("auto", "always", "never")
-
-
-def _vector_expr(dim: int) -> sql.Composable:
-    # HNSW indexes `vector` up to 2,000 dimensions; above that, index a halfvec cast.
-    if dim > HNSW_MAX_VECTOR_DIM:
-        return sql.SQL("(embedding::halfvec({d}))").format(d=sql.Literal(dim))
-    return sql.SQL("embedding")
-
-
-def _query_cast(dim: int) -> sql.Composable:
-    if dim > HNSW_MAX_VECTOR_DIM:
-        return sql.SQL("%(q)s::halfvec({d})").format(d=sql.Literal(dim))
-    return sql.SQL("%(q)s::vector")
 
 
 @guarded("building the index on {table}")
@@ -48,12 +35,13 @@ def create_hnsw_index(conn, table: str, dim: int) -> bool:
             if cur.fetchone()[0] is not None:
                 conn.rollback()
                 continue
-            ops = "halfvec_cosine_ops" if dim > HNSW_MAX_VECTOR_DIM else "vector_cosine_ops"
+            # halfvec is indexed as it is; a vector over 2,000 dimensions as a halfvec cast
+            expr, ops = index_parts(column_storage(cur, name), dim)
             cur.execute(sql.SQL("SET LOCAL maintenance_work_mem = {m}").format(
                 m=sql.Literal(INDEX_MAINTENANCE_WORK_MEM)))
             cur.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {n} ON {t} USING hnsw ({e} {ops})")
                         .format(n=unqualified(index), t=table_ident(name),
-                                e=_vector_expr(dim), ops=sql.SQL(ops)))
+                                e=expr, ops=sql.SQL(ops)))
         conn.commit()
         built = built or name == table
     return built
@@ -98,9 +86,10 @@ def search_spans(conn, table: str, id_col: str, text_col: str, query_vector: np.
     """Like `search`, plus the character span that matched (None: the whole row)."""
     dim = len(query_vector)
     chunks = f"{table}_chunks"
+    storage = column_storage(conn, table)  # the chunks table is of the row table's type
     names = dict(id=sql.Identifier(id_col), text=sql.Identifier(text_col),
-                 t=table_ident(table), c=table_ident(chunks), e=_vector_expr(dim),
-                 q=_query_cast(dim), n=sql.Literal(k * SEARCH_OVERFETCH), k=sql.Literal(k))
+                 t=table_ident(table), c=table_ident(chunks), e=searched(storage, dim),
+                 q=query_cast(storage, dim), n=sql.Literal(k * SEARCH_OVERFETCH), k=sql.Literal(k))
     if table_dimension(conn, chunks) is None:
         query = sql.SQL("SELECT {id}, 1 - ({e} <=> {q}), left({text}, 400), NULL, NULL FROM {t} "
                         "WHERE embedding IS NOT NULL ORDER BY {e} <=> {q} LIMIT {k}")

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from . import db
+from . import db, dimensions
 from .errors import DataError
 from .identity import Identity
 from .pieces import Done, Pieces
@@ -137,7 +137,10 @@ def known_dimension(settings, identity: Identity, *, conn=None, table: str | Non
                     cache=None) -> tuple[int | None, str]:
     """The dimension without a request, and where it comes from: EMBEDDING_DIM, else the
     table, else the cache (when it holds exactly one for this model); (None, "") when only
-    the first batch can tell."""
+    the first batch can tell. EMBED_DIMENSIONS, when set, is the dimension asked for."""
+    asked, source = dimensions.expected(settings)
+    if asked:
+        return asked, source
     if settings.EMBEDDING_DIM:
         return settings.EMBEDDING_DIM, "EMBEDDING_DIM"
     if conn is not None and table:

@@ -20,6 +20,7 @@ from .plan import Plan, make_plan
 from .report import RunReport
 from .resilient import Dimension
 from .sequence import EmbedSequence
+from .storage import column_storage
 from .steps import Target
 
 if TYPE_CHECKING:
@@ -179,15 +180,17 @@ def ingest(df, target: Target, *, settings: Settings, conn, backend: Backend, ca
 
 
 def insert_rows(conn, target: Target, ids, texts, vectors: np.ndarray,
-                method: str = "execute_values") -> int:
+                method: str = "execute_values", storage: str | None = None) -> int:
     """The design card's insert, for rows embedded by hand (`batch_embed`): one
     transaction, keyed by id (a row already there is updated). Rows whose vector failed
-    (NaN) are left out. Returns the rows written."""
+    (NaN) are left out; `storage` (EMBED_STORAGE) is a new table's type, None: the
+    table's own, or vector. Returns the rows written."""
     ids, texts, vectors = [str(i) for i in ids], [str(t) for t in texts], np.asarray(vectors)
     good = [i for i in range(len(ids)) if np.isfinite(vectors[i]).all()]
     if not good:
         return 0
-    db.create_table(conn, target.table, target.id_col, target.text_col, vectors.shape[1])
+    db.create_table(conn, target.table, target.id_col, target.text_col, vectors.shape[1],
+                    storage or column_storage(conn, target.table) or "vector")
     return db.write_rows(conn, target.table, target.id_col, target.text_col,
                          [ids[i] for i in good], [texts[i] for i in good], vectors[good],
                          method=method, chunks_table=target.chunks_table)
@@ -238,7 +241,8 @@ def ingest_per_row(df, target: Target, *, settings: Settings, conn, backend: Bac
         spans.append((t0, time.perf_counter() - start))
         if not report.dim:
             report.dim = len(vector)
-            db.create_table(conn, target.table, target.id_col, target.text_col, report.dim)
+            db.create_table(conn, target.table, target.id_col, target.text_col, report.dim,
+                            settings.EMBED_STORAGE)
         db.insert_one(conn, target.table, target.id_col, target.text_col, rows.ids[row],
                       rows.texts[row], vector, chunks)
         report.rows_written += 1

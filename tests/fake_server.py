@@ -7,7 +7,10 @@ them silently (`truncate_at`), and can answer as another model (`answer_model`).
 sha256(text), so tests can state exactly what they expect. Tokens are counted as OpenAI's
 rule of thumb has it (one per 4 UTF-8 bytes); a request over `max_tokens_per_request` is
 refused with OpenAI's own message. A rate budget per window (`RateBudget`) answers 429 with
-`retry-after` past it and sends OpenAI's `x-ratelimit-*` headers. Faults are drawn from a hash of (seed, request body,
+`retry-after` past it and sends OpenAI's `x-ratelimit-*` headers. `dimensions` in a request is
+honoured as OpenAI's text-embedding-3 and Ollama's /api/embed do (cut, renormalised), ignored
+as TEI does, or refused in OpenAI's or vLLM's words (`dimensions=`). Faults are drawn from a
+hash of (seed, request body,
 how often that body was seen), so a seeded server fails the same requests
 whatever order concurrent clients send them in.
 
@@ -76,6 +79,25 @@ def _tokenizer(path: str):
     tokenizer = Tokenizer.from_file(path)
     tokenizer.no_truncation()
     return tokenizer
+
+
+def shortened_vector(text: str, dim: int, width: int) -> np.ndarray:
+    """The vector for `text` asked at `width` dimensions: the first `width` values of the
+    full one, unit length again (OpenAI's text-embedding-3, Ollama's /api/embed)."""
+    vector = expected_vector(text, dim)[:width]
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
+
+
+#: How real servers refuse `dimensions` for a model that cannot shorten its vectors.
+DIMENSION_REFUSALS = {
+    "openai-refuse": lambda model: (400, {"error": {
+        "message": "This model does not support specifying dimensions.",
+        "type": "invalid_request_error", "param": None, "code": None}}),
+    "vllm-refuse": lambda model: (400, {
+        "object": "error", "message": f'Model "{model}" does not support matryoshka '
+        "representation, changing output dimensions will lead to poor results.",
+        "type": "BadRequestError", "param": None, "code": 400}),
+}
 
 
 def _openai_refusal(limit: int, asked: int) -> tuple[int, dict]:
@@ -231,6 +253,8 @@ class FakeEmbeddingServer:
         self.ignore_base64 = False             # answer floats whatever was asked
         self.fail_after: int | None = None     # 503 to every request after this many answered
         self.budget: RateBudget | None = None  # a rate budget per window, with OpenAI's headers
+
+        self.dimensions = "matryoshka"         # `dimensions`: matryoshka, ignore, or DIMENSION_REFUSALS
         if latency:
             self.max_batch, self.rate_429, self.rate_5xx = latency.max_batch, latency.rate_429, latency.rate_5xx
             self.retry_after_s = latency.retry_after_s
@@ -397,6 +421,10 @@ class FakeEmbeddingServer:
         if route == OPENAI and body.get("encoding_format") == "base64" and self.refuse_base64:
             return self.error(req, route, 400, "encoding_format 'base64' is not supported; "
                               "use 'float'", code="invalid_value")
+        if route != LEGACY and body.get("dimensions") is not None \
+                and self.dimensions in DIMENSION_REFUSALS:
+            status, refusal = DIMENSION_REFUSALS[self.dimensions](model)
+            return req.reply(status, json.dumps(refusal).encode())
         bad = [i for i, t in enumerate(texts) if t in self.poison]
         if bad:
             names = ", ".join(f"input {i} ({texts[i][:30]!r})" for i in bad)
@@ -419,24 +447,28 @@ class FakeEmbeddingServer:
         self._count(route, "texts", len(texts))
         req.reply(200, payload, headers=budget_headers)
 
-    def vector(self, text: str, route: str) -> np.ndarray:
+    def vector(self, text: str, route: str, width: int | None = None) -> np.ndarray:
         if self.truncate_at is not None:  # what the model reads: its first N tokens
             text = read_part(text, self.truncate_at, self.tokenizer_file)
         if self.empty_vectors:
             return np.zeros(0, dtype=np.float32)
-        return expected_vector(text, self.wrong_dim or self.dim, normalized=route != LEGACY)
+        dim = self.wrong_dim or self.dim
+        if width and 0 < width < dim and self.dimensions == "matryoshka":
+            return shortened_vector(text, dim, width)
+        return expected_vector(text, dim, normalized=route != LEGACY)
 
     def answer(self, route: str, body: dict, texts: list[str], draws: random.Random) -> dict:
         if route == LEGACY:
             return {"embedding": self.vector(texts[0], route).tolist()}
+        width = body.get("dimensions")
         if route == EMBED:
-            return {"model": body.get("model"), "embeddings": [self.vector(t, route).tolist() for t in texts],
+            return {"model": body.get("model"), "embeddings": [self.vector(t, route, width).tolist() for t in texts],
                     "total_duration": 1_000_000, "load_duration": 1000,
                     "prompt_eval_count": sum(len(t.split()) for t in texts)}
         b64 = body.get("encoding_format") == "base64" and not self.ignore_base64
         data = [{"object": "embedding", "index": i,
-                 "embedding": base64.b64encode(self.vector(t, route).astype("<f4").tobytes()).decode()
-                 if b64 else self.vector(t, route).tolist()} for i, t in enumerate(texts)]
+                 "embedding": base64.b64encode(self.vector(t, route, width).astype("<f4").tobytes()).decode()
+                 if b64 else self.vector(t, route, width).tolist()} for i, t in enumerate(texts)]
         if self.shuffle_index:
             draws.shuffle(data)
         tokens = sum(count_tokens(t) for t in texts)  # what it bills: the tokens it counted

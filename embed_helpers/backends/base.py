@@ -42,7 +42,8 @@ class Backend:
     def identity(self, dim: int | None = None) -> Identity:
         """Route, model, dimension and normalisation: what a cache key is made of. A backend
         that must ask its server first (Ollama's version) does so here, before any lookup."""
-        return Identity(self.route, self.model, dim, self.normalized)
+        return Identity(self.route, self.model, dim, self.normalized,
+                        self.settings.EMBED_DIMENSIONS)
 
     @cached_property
     def window(self) -> Window:

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import windows
+from .. import dimensions, windows
 from ..config import Settings
 from ..constants import (OPENAI_COMPATIBLE_DEFAULT_INPUT_TOKENS, OPENAI_MAX_INPUT_TOKENS,
                          OPENAI_MAX_REQUEST_TOKENS, OPENAI_PRICES_PER_1M_TOKENS)
@@ -72,10 +72,12 @@ class OpenAIBackend(RemoteBackend):
 
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
-        payload = {"input": texts, "model": self.model, "encoding_format": self.encoding}
+        payload = {"input": texts, "model": self.model, "encoding_format": self.encoding,
+                   **dimensions.request_field(self.settings.EMBED_DIMENSIONS)}
         try:
             body = self.http.post_json("/embeddings", payload, texts=len(texts))
         except BackendError as exc:
+            dimensions.raise_if_refused(exc, self.model, self.settings.EMBED_DIMENSIONS)
             if self.encoding != "base64" or exc.status not in (400, 422) \
                     or not any(w in (exc.server_message or "").lower()
                                for w in ("encoding_format", "base64", "encoding format")):

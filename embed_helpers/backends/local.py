@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import dimensions
 from ..config import LOCAL_MODEL_DEFAULT, Settings
 from ..errors import BackendError
 from ..tokens import EstimatedTokens, TokenizerCount, Window
@@ -82,15 +83,21 @@ class LocalBackend(Backend):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         log.info("loading %s on %s", self.source, self.device)
         self._model = SentenceTransformer(str(self.source), device=self.device)
+        width = getattr(self._model, "get_embedding_dimension",  # sentence-transformers >= 5.2
+                        self._model.get_sentence_embedding_dimension)()
+        dimensions.check_width(self.model, width, self.settings.EMBED_DIMENSIONS)
 
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
         if self._model is None:
             self._load()
         self._requests += 1
         self._texts += len(texts)
+        # truncate_dim keeps the first EMBED_DIMENSIONS values; normalize_embeddings then
+        # gives the shortened vector unit length again (sentence-transformers cuts first).
         vectors = self._model.encode(list(texts), batch_size=max(len(texts), 1),
                                      normalize_embeddings=True, convert_to_numpy=True,
-                                     show_progress_bar=False)
+                                     show_progress_bar=False,
+                                     truncate_dim=self.settings.EMBED_DIMENSIONS)
         return np.asarray(vectors, dtype=np.float32)
 
     def stats(self) -> dict:

@@ -17,10 +17,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import windows
+from .. import dimensions, windows
 from ..config import Settings, mask_url
 from ..constants import OLLAMA_DEFAULT_CONTEXT
-from ..errors import BackendError, BadInput, ModelNotFound, SomeInputsFailed
+from ..errors import BackendError, BadInput, ConfigError, ModelNotFound, SomeInputsFailed
 from ..identity import Identity
 from ..tokens import Window
 from .remote import RemoteBackend, rows_to_array
@@ -116,19 +116,25 @@ class OllamaBackend(RemoteBackend):
         texts = list(texts)
         if not self._legacy:
             payload = {"model": self.model, "input": texts,
-                       "options": {"num_ctx": self.context[0]}}
+                       "options": {"num_ctx": self.context[0]},
+                       **dimensions.request_field(self.settings.EMBED_DIMENSIONS)}
             try:
                 body = self.http.post_json(EMBED_PATH, payload, texts=len(texts))
                 return rows_to_array(body.get("embeddings") or [], len(texts), backend=self.name)
             except ModelNotFound:
                 raise
             except BackendError as exc:
+                dimensions.raise_if_refused(exc, self.model, self.settings.EMBED_DIMENSIONS)
                 if exc.status != 404:
                     raise
                 self._switch_to_legacy(exc)
         return self._embed_legacy(texts)
 
     def _switch_to_legacy(self, exc: BackendError) -> None:
+        if self.settings.EMBED_DIMENSIONS:  # before a single text goes to the legacy route
+            raise ConfigError(dimensions.SETTING, f"is {self.settings.EMBED_DIMENSIONS}, but this "
+                              f"Ollama is older than 0.3: its legacy {LEGACY_PATH} cannot shorten "
+                              f"vectors ({exc.server_message or exc}). Upgrade Ollama, or unset it.")
         with self._lock:
             if not self._legacy:
                 self._legacy = True

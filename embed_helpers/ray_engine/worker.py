@@ -64,7 +64,7 @@ class BlockWorker:
         done = Done.merge(sink.parts)
         if done.rows and not self.table_ready:
             db.create_table(self.conn, self.target.table, self.target.id_col,
-                            self.target.text_col, done.vectors.shape[1])
+                            self.target.text_col, done.vectors.shape[1], self.settings.EMBED_STORAGE)
             self.table_ready = True
         new = {str(i) for i, is_new in zip(batch["id"], batch["new"]) if is_new}
         written = steps.write(self.conn, self.target, pieces, done, upsert=self.settings.UPSERT,
