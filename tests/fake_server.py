@@ -10,9 +10,8 @@ refused with OpenAI's own message. A rate budget per window (`RateBudget`) answe
 `retry-after` past it and sends OpenAI's `x-ratelimit-*` headers. `dimensions` in a request is
 honoured as OpenAI's text-embedding-3 and Ollama's /api/embed do (cut, renormalised), ignored
 as TEI does, or refused in OpenAI's or vLLM's words (`dimensions=`). Faults are drawn from a
-hash of (seed, request body,
-how often that body was seen), so a seeded server fails the same requests
-whatever order concurrent clients send them in.
+hash of (seed, request body, how often that body was seen), so a seeded server fails the same
+requests whatever order concurrent clients send them in.
 
 Run standalone for benchmarks (the server then does not share the client's GIL):
     python tests/fake_server.py --profile ollama-gpu --dim 768 [--port 0]
