@@ -68,21 +68,22 @@ def last_sentence(text: str) -> str:
 @pytest.mark.skipif(not SHARED_ABSTRACTS.is_file(),
                     reason=f"shared data not found at {SHARED_ABSTRACTS} (a user's clone has none)")
 def test_chunks_find_long_abstracts_by_their_last_sentence(make_settings, conn, table):
-    """The issue's measurement: queries from the last sentence of the first 900 abstracts
-    that exceed the bundled model's window find their abstract in the top 10 for 0.92 of
-    them when chunked (0.86 with whole-text vectors): 0.9196 measured, 675 of 734 (see
-    bench/long_texts.py, which also measures truncate)."""
-    abstracts = pd.read_csv(SHARED_ABSTRACTS, dtype=str).head(900)
+    """Queries from the last sentence of the first 300 abstracts that exceed the bundled
+    model's window find their abstract in the top 10 when chunked: 254 of 260 measured
+    (0.977). A truncated vector never saw that sentence. bench/long_texts.py measures the
+    issue's 900 abstracts with both policies (0.920 chunked, 0.851 truncated); 300 keep
+    this test to a third of the time."""
+    abstracts = pd.read_csv(SHARED_ABSTRACTS, dtype=str).head(300)
     settings = make_settings(EMBED_BATCH_SIZE=64)
     backend = get_backend(settings)
     target = Target(table, "pmid", "text")
     report = ingest(abstracts, target, settings=settings, conn=conn, backend=backend,
                     cache=open_cache(settings), progress=False)
-    assert report.rows_written == 900 and report.long_texts["over"] > 700
+    assert report.rows_written == 300 and report.long_texts["over"] == 260
     window = backend.window
     counts = window.counter.count(list(abstracts.text))
     long = [row for row, n in zip(abstracts.itertuples(), counts) if n > window.max_tokens]
     queries = backend.embed_batch([last_sentence(row.text) for row in long])
     found = sum(row.pmid in [hit[0] for hit in retrieval.search(conn, table, "pmid", "text", q, 10)]
                 for row, q in zip(long, queries))
-    assert found / len(long) >= 0.915
+    assert found / len(long) >= 0.97
