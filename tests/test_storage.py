@@ -14,7 +14,7 @@ from embed_helpers.copy_format import rows_payload
 from embed_helpers.errors import ConfigError, DataError, EmbeddingValidationError
 from embed_helpers.identity import cache_key
 from embed_helpers.steps import Target
-from embed_helpers.workflow import ingest, insert_rows, open_cache
+from embed_helpers.workflow import ingest, insert_rows, open_cache, parity_check
 
 FULL, SHORT = 64, 16
 LONG = " ".join(f"Sentence {k} of a long abstract about renal function." for k in range(12))
@@ -95,6 +95,22 @@ def test_halfvec_index_and_search(run, conn, table):
         query = shortened_vector(f"abstract number {i} on kidney care", FULL, SHORT)
         hits = retrieval.search(conn, table, "id", "text", query, k=3)
         assert hits[0][0] == f"r{i}" and hits[0][1] > 0.999
+
+
+def test_parity_check_allows_for_halfvecs_rounding_and_no_more(run, server, make_settings,
+                                                                conn, table):
+    """Step 9's comparison with what Step 9b stored: a halfvec table rounded every value to
+    float16, which is not a difference between the two paths; a vector that is not the
+    same (another text's) still is."""
+    df = frame(6, long_rows=0)
+    run(df, EMBED_STORAGE="halfvec")
+    settings = make_settings(EMBEDDING_BACKEND="llm_api", OPENAI_BASE_URL=server.openai_url,
+                             OPENAI_EMBED_MODEL="text-embedding-3-small", EMBED_STORAGE="halfvec")
+    target = Target(table, "id", "text")
+    with get_backend(settings) as embedder:
+        assert parity_check(conn, embedder, df, target, settings)["same_vectors"]
+        swapped = df.assign(text=list(df.text[1:]) + [df.text[0]])  # every id, another text
+        assert not parity_check(conn, embedder, swapped, target, settings)["same_vectors"]
 
 
 def test_ollama_sends_dimensions_on_api_embed(run, server, conn, table):
