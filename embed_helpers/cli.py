@@ -82,14 +82,14 @@ def _prepare(args):
 
 
 def cmd_ingest(args) -> int:
+    from .sources import PostgresSource
+    from .streaming import ingest_source
     from .workflow import ingest
 
     settings, df, target, conn, backend, cache = _prepare(args)
-    from .sources import PostgresSource
-    if isinstance(df, PostgresSource):  # planned and run window by window
-        from .streaming import ingest_source as ingest
-    report = ingest(df, target, settings=settings, conn=conn, backend=backend, cache=cache,
-                    progress=not args.quiet)
+    run = ingest_source if isinstance(df, PostgresSource) else ingest  # a source: by windows
+    report = run(df, target, settings=settings, conn=conn, backend=backend, cache=cache,
+                 progress=not args.quiet)
     report.close_bill(backend)
     if report.batch.get("pending"):  # --no-wait: the jobs are out, nothing written yet
         print("\n".join(report.batch["lines_in_words"]))
@@ -117,14 +117,14 @@ def _close(args, report, conn, target, settings) -> int:
 
 def cmd_plan(args) -> int:
     """Step 8 only: counts and estimates; creates nothing (the probe batch is cached)."""
+    from .sources import PostgresSource
+    from .streaming import plan_source
     from .workflow import plan_ingest
 
     settings, df, target, conn, backend, cache = _prepare(args)
-    from .sources import PostgresSource
-    if isinstance(df, PostgresSource):  # the windows' plans added up
-        from .streaming import plan_source as plan_ingest
-    print(plan_ingest(df, target, settings=settings, conn=conn, backend=backend, cache=cache,
-                      probe=not args.no_probe))
+    plan = plan_source if isinstance(df, PostgresSource) else plan_ingest  # windows added up
+    print(plan(df, target, settings=settings, conn=conn, backend=backend, cache=cache,
+               probe=not args.no_probe))
     return 0
 
 

@@ -6,7 +6,8 @@ against what came from the cache.
 """
 from __future__ import annotations
 
-from .report import RunReport, plural
+from .printing import plural
+from .report import RunReport
 
 
 def comparison_rows(per_row: RunReport | None, batched: RunReport) -> list[tuple[str, ...]]:

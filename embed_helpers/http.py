@@ -23,49 +23,12 @@ from .errors import (AuthenticationError, BackendError, BackendUnreachable, BadI
                      BatchTooLarge, InputTooLong, ModelNotFound,
                      WrongRoute)
 from .rate_governor import for_client
+from .refusals import (INPUT_TOO_LONG, MODEL_MISSING, TOO_LARGE, error_code, server_message,
+                       stated_window)
 from .retry import retry_delay, should_retry
 from .servers import ServerPool
 
 log = logging.getLogger(__name__)
-
-# A 400/422 with one of these means "send fewer or shorter inputs", not "bad content".
-_TOO_LARGE = re.compile(
-    r"too many inputs|batch size|too large|too long|maximum context length|"
-    r"must have less than|exceeds? (the )?(max|limit)|max(imum)? (number of )?inputs|"
-    r"tokens per request|too many tokens|max_tokens_per_request",
-    re.IGNORECASE)
-# One input over the model's window, with the window where the server states it: OpenAI and
-# vLLM ("maximum context length is N tokens"), OpenAI's newer "maximum input length is N
-# tokens", TEI ("must have less than N tokens"), llama.cpp's 400 ("exceeds the available
-# context size (N tokens)") and 500 ("too large to process ... (current batch size: N)").
-_WINDOW_SAID = re.compile(
-    r"maximum (?:context|input) length is (\d+) tokens|must have less than (\d+) tokens|"
-    r"available context size \((\d+) tokens\)|too large to process.*?current batch size: (\d+)",
-    re.IGNORECASE | re.DOTALL)
-_INPUT_TOO_LONG = re.compile(r"too large to process|exceeds the available context size|"
-                             r"maximum (context|input) length", re.IGNORECASE)
-_MODEL_MISSING = re.compile(r"model.*(not found|does not exist|not exist)", re.IGNORECASE)
-
-
-def server_message(response: requests.Response) -> str:
-    """The server's own error text from any of the JSON shapes in use, else the body.
-
-    OpenAI {"error": {"message"}}, Ollama and TEI {"error": "..."}, vLLM {"message"}.
-    """
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text.strip()[:300]
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-        if isinstance(error, str):
-            return error
-        if body.get("message"):
-            return str(body["message"])
-    return str(body)[:300]
-
 
 class HttpClient:
     """One keep-alive `requests.Session` for a backend's servers, pooled for its concurrency.
@@ -251,15 +214,15 @@ class HttpClient:
         kw = dict(backend=self.backend, status=status, server_message=said)
         if status in (401, 403):
             return AuthenticationError(f"{where}: not authorised.", hint=self.auth_hint, **kw)
-        code = _error_code(response)
-        if status in (400, 404) and (code == "model_not_found" or _MODEL_MISSING.search(said)):
+        code = error_code(response)
+        if status in (400, 404) and (code == "model_not_found" or MODEL_MISSING.search(said)):
             return ModelNotFound(f"{where}: the model is not there.", hint=self.model_hint, **kw)
         limit = stated_window(response, said)
-        if status in (400, 413, 422, 500) and (limit or _INPUT_TOO_LONG.search(said)):
+        if status in (400, 413, 422, 500) and (limit or INPUT_TOO_LONG.search(said)):
             return InputTooLong(f"{where}: an input is longer than the model reads"
                                 f"{f' ({limit} tokens)' if limit else ''}.", limit=limit,
                                 hint="Set EMBED_MAX_INPUT_TOKENS to the model's window.", **kw)
-        if status == 413 or (status in (400, 422) and (_TOO_LARGE.search(said)
+        if status == 413 or (status in (400, 422) and (TOO_LARGE.search(said)
                                                        or code == "max_tokens_per_request")):
             return BatchTooLarge(f"{where}: the batch is too large.",
                                  hint="Lower EMBED_BATCH_SIZE.", **kw)
@@ -281,24 +244,3 @@ class HttpClient:
                                 hint="Check the server and its logs, then run again: what was "
                                      "embedded so far is cached and will not be paid again.", **kw)
         return BackendError(f"{where}.", **kw)
-
-
-def stated_window(response: requests.Response, said: str) -> int | None:
-    """The window a refusal states: llama.cpp's `n_ctx` field, else a figure in the message
-    (`_WINDOW_SAID`); None when it states none."""
-    try:
-        error = response.json().get("error")
-    except (ValueError, AttributeError):
-        error = None
-    if isinstance(error, dict) and isinstance(error.get("n_ctx"), int) and error["n_ctx"] > 0:
-        return error["n_ctx"]
-    match = _WINDOW_SAID.search(said)
-    return int(next(g for g in match.groups() if g)) if match else None
-
-
-def _error_code(response: requests.Response) -> str:
-    try:
-        error = response.json().get("error")
-    except (ValueError, AttributeError):
-        return ""
-    return str(error.get("code") or "") if isinstance(error, dict) else ""

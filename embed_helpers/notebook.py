@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from .constants import NOTEBOOK_PATH, PROJECT_ROOT
 from .errors import ConfigError
-from .report import utc_stamp
+from .run_files import utc_stamp
 
 log = logging.getLogger(__name__)
 

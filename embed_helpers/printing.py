@@ -136,3 +136,11 @@ def relative(path: Path | str) -> str:
         return str(path.resolve().relative_to(PROJECT_ROOT))
     except ValueError:
         return str(path)
+
+
+def plural(n: int, one: str, many: str | None = None) -> str:
+    """
+    >>> plural(1, "request"), plural(2, "retry", "retries")
+    ('1 request', '2 retries')
+    """
+    return f"{n} {one if n == 1 else (many or one + 's')}"

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import relative
+from .printing import plural
 from .rate_governor import budget_note, budget_since
+from .run_files import default_report_path, write_failures
 from .sequence import Tally
 
 #: RunReport field -> the backend counter it reads (`HttpClient.stats`).
@@ -245,41 +246,6 @@ class RunReport:
 
     def __str__(self) -> str:
         return "\n".join(self.summary_lines())
-
-
-def plural(n: int, one: str, many: str | None = None) -> str:
-    """
-    >>> plural(1, "request"), plural(2, "retry", "retries")
-    ('1 request', '2 retries')
-    """
-    return f"{n} {one if n == 1 else (many or one + 's')}"
-
-
-def utc_stamp(micro: bool = False) -> str:
-    """The UTC time in run output names (`runs/run-<stamp>.ipynb`): sortable, no colons.
-    With microseconds, workers finishing in the same second keep separate files."""
-    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S{'%f' if micro else ''}Z}"
-
-
-def default_report_path(settings=None) -> Path:
-    """<EMBED_RUNS_DIR>/report-<UTC time>.json, for notebook runs not given RUN_REPORT_PATH."""
-    from .constants import DEFAULT_RUNS_DIR
-    folder = settings.EMBED_RUNS_DIR if settings is not None else DEFAULT_RUNS_DIR
-    return Path(folder) / f"report-{utc_stamp()}.json"
-
-
-def write_failures(failures: list[dict], folder: Path) -> str:
-    """The rows that got no vector, one JSON object per line; "" when there are none."""
-    if not failures:
-        return ""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"failures-{utc_stamp(micro=True)}.jsonl"
-    with open(path, "w") as fh:
-        for failure in failures:
-            fh.write(json.dumps(failure) + "\n")
-    log.warning("%d rows failed; listed in %s", len(failures), relative(path))
-    return str(path)
 
 
 def start_report(plan, settings, cache) -> RunReport:

@@ -184,7 +184,7 @@ class FakeBatchAPI:
         """Output (in reverse order: the API promises none) and error files, the counts."""
         out, errors = [], []
         for n, request in enumerate(self.requests_of(batch)):
-            cid, texts = request["custom_id"], request["body"]["input"]
+            cid = request["custom_id"]
             if n >= keep:
                 errors.append({"id": f"batch_req_{n}", "custom_id": cid, "response": None,
                                "error": {"code": f"batch_{status}", "message": f"This request "

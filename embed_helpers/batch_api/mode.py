@@ -18,7 +18,8 @@ from .. import steps
 from ..config import replace_settings
 from ..constants import BATCH_COMPLETION_HOURS, BATCH_PRICE_FACTOR
 from ..errors import ConfigError
-from ..report import plural, start_report
+from ..printing import plural
+from ..report import start_report
 from ..sequence import CACHE_ONLY_REASON
 from .jobs import Limits, cut_jobs
 from .runner import BatchRunner, Outcome
