@@ -22,7 +22,7 @@ EXIT_ERROR, EXIT_ROWS_FAILED, EXIT_INTERRUPTED = 1, 3, 130
 FLAG_SETTINGS = {"backend": "EMBEDDING_BACKEND", "batch_size": "EMBED_BATCH_SIZE",
                  "concurrency": "EMBED_MAX_CONCURRENCY", "engine": "EMBED_ENGINE",
                  "ray_address": "RAY_ADDRESS", "workers": "EMBED_WORKERS",
-                 "encoding": "EMBED_INPUT_ENCODING"}
+                 "encoding": "EMBED_INPUT_ENCODING", "reembed": "EMBED_REEMBED"}
 
 
 def _settings(args):
@@ -179,6 +179,8 @@ def _add_run_flags(p, name: str) -> None:
     p.add_argument("--backend", help="EMBEDDING_BACKEND for this run")
     p.add_argument("--batch-size", help="EMBED_BATCH_SIZE for this run")
     p.add_argument("--concurrency", help="EMBED_MAX_CONCURRENCY for this run")
+    p.add_argument("--reembed", action="store_true", default=None,
+                   help="EMBED_REEMBED: replace every vector of a table made by another model")
     if name == "ingest":
         p.add_argument("--engine", choices=("local", "ray"), help="EMBED_ENGINE for this run")
         p.add_argument("--ray-address", help="RAY_ADDRESS: join this Ray cluster")

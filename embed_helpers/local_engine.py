@@ -14,7 +14,7 @@ import logging
 
 from tqdm import tqdm
 
-from . import steps, db
+from . import steps, db, provenance
 from .constants import PREVIEW_CHARS
 from .plan import Plan
 from .report import RunReport, start_report
@@ -40,6 +40,8 @@ class TableSink:
         if not self.table_ready:
             db.create_table(self.conn, target.table, target.id_col, target.text_col,
                             done.vectors.shape[1])
+            provenance.at_first_vectors(self.conn, target.table, self.plan.provenance,
+                                        self.sequence.backend, done.vectors.shape[1])
             self.table_ready = True
         assume_new = not any(pieces.ids[r] in self.plan.stored_ids for r in done.rows)
         steps.write(self.conn, target, pieces, done, upsert=self.settings.UPSERT,

@@ -48,9 +48,11 @@ def count_tokens(text: str) -> int:
     return -(-len(text.encode("utf-8")) // 4)
 
 
-def expected_vector(text: str, dim: int, normalized: bool = True) -> np.ndarray:
-    """The float32 vector the fake server returns for `text` (legacy route: normalized=False)."""
-    vector = _unit(text, dim)
+def expected_vector(text: str, dim: int, normalized: bool = True,
+                    model: str | None = None) -> np.ndarray:
+    """The float32 vector the fake server returns for `text` (legacy route: normalized=False;
+    `model`: of a server with `vectors_by_model`, where each model gives its own vectors)."""
+    vector = _unit(text if model is None else f"{model}\x1f{text}", dim)
     return vector if normalized else (vector * np.float32(LEGACY_SCALE)).astype(np.float32)
 
 
@@ -167,6 +169,7 @@ class FakeEmbeddingServer:
         self.refuse_base64 = False             # 400 on encoding_format=base64
         self.ignore_base64 = False             # answer floats whatever was asked
         self.fail_after: int | None = None     # 503 to every request after this many answered
+        self.vectors_by_model = False          # each model its own vectors (else one set for all)
         if latency:
             self.max_batch, self.rate_429, self.rate_5xx = latency.max_batch, latency.rate_429, latency.rate_5xx
             self.retry_after_s = latency.retry_after_s
@@ -346,24 +349,27 @@ class FakeEmbeddingServer:
         self._count(route, "texts", len(texts))
         req.reply(200, payload)
 
-    def vector(self, text: str, route: str) -> np.ndarray:
+    def vector(self, text: str, route: str, model: str | None = None) -> np.ndarray:
         if self.truncate_at is not None:  # what the model reads: its first N tokens
             text = read_part(text, self.truncate_at, self.tokenizer_file)
         if self.empty_vectors:
             return np.zeros(0, dtype=np.float32)
-        return expected_vector(text, self.wrong_dim or self.dim, normalized=route != LEGACY)
+        return expected_vector(text, self.wrong_dim or self.dim, normalized=route != LEGACY,
+                               model=model if self.vectors_by_model else None)
 
     def answer(self, route: str, body: dict, texts: list[str], draws: random.Random) -> dict:
+        model = self.answer_model or body.get("model") or ""
         if route == LEGACY:
-            return {"embedding": self.vector(texts[0], route).tolist()}
+            return {"embedding": self.vector(texts[0], route, model).tolist()}
         if route == EMBED:
-            return {"model": body.get("model"), "embeddings": [self.vector(t, route).tolist() for t in texts],
+            return {"model": body.get("model"), "embeddings": [self.vector(t, route, model).tolist()
+                                                               for t in texts],
                     "total_duration": 1_000_000, "load_duration": 1000,
                     "prompt_eval_count": sum(len(t.split()) for t in texts)}
         b64 = body.get("encoding_format") == "base64" and not self.ignore_base64
         data = [{"object": "embedding", "index": i,
-                 "embedding": base64.b64encode(self.vector(t, route).astype("<f4").tobytes()).decode()
-                 if b64 else self.vector(t, route).tolist()} for i, t in enumerate(texts)]
+                 "embedding": base64.b64encode(self.vector(t, route, model).astype("<f4").tobytes()).decode()
+                 if b64 else self.vector(t, route, model).tolist()} for i, t in enumerate(texts)]
         if self.shuffle_index:
             draws.shuffle(data)
         tokens = sum(count_tokens(t) for t in texts)  # what it bills: the tokens it counted
