@@ -72,7 +72,7 @@ class Provenance:
         return found
 
     def describe(self) -> str:
-        """`ollama:/api/embed nomic-embed-text (768, normalized; chunk, overlap 32, window
+        """`<route> nomic-embed-text (768, normalized; long texts chunk, overlap 32, window
         2044)`: the route, the model, then every other field.
 
         >>> Provenance({"route": "r", "model": "m", "dim": 8, "normalized": True},

@@ -198,3 +198,68 @@ def test_reembed_waits_for_rows_an_ordinary_run_changed_meanwhile(settings_of, s
 def regclass(name):
     from embed_helpers.table_names import regclass_text
     return regclass_text(name)
+
+
+def test_cli_stops_another_model_then_reembeds_through_a_kill(tmp_path, conn, table):
+    """The flag, the exit status and the message; SIGKILL midway, rerun: every row once, no
+    text paid twice, the old table readable throughout."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fake_server import LatencyModel
+
+    from embed_helpers.cache.jsonl import EmbeddingCache
+    from embed_helpers.constants import PROJECT_ROOT
+    n, batch, dim = 200, 10, 16
+    texts = [f"abstract {i} on cohort {i % 7}" for i in range(n)]
+    data = tmp_path / "abstracts.csv"
+    data.write_text("pmid,abstract\n" + "".join(f"{1000 + i},{t}\n" for i, t in enumerate(texts)))
+    args = [sys.executable, "-m", "embed_helpers", "ingest", "--data", str(data), "--id-col",
+            "pmid", "--text-col", "abstract", "--table", table, "--batch-size", str(batch), "-q"]
+    with FakeEmbeddingServer(dim, LatencyModel(30, 0.5), vectors_by_model=True) as server:
+        def env(model):
+            return dict(os.environ, EMBEDDING_BACKEND="ollama", OLLAMA_HOST=server.url,
+                        OLLAMA_EMBED_MODEL=model, EMBED_CACHE_PATH=str(tmp_path / "cache.jsonl"),
+                        PYTHONPATH=str(PROJECT_ROOT))
+
+        def run(model, *extra):
+            return subprocess.run(args + list(extra), env=env(model), cwd=tmp_path,
+                                  capture_output=True, text=True, timeout=300)
+        assert run(A).returncode == 0
+        old = db.fetch_vectors(conn, table, "pmid", ["1007"])["1007"]
+        server.reset()
+        refused = run(B)
+        assert refused.returncode == 1 and server.total_requests() == 0
+        assert f"was made by ollama:/api/embed {A}" in refused.stderr
+        assert "--reembed" in refused.stderr and "--table" in refused.stderr
+        proc = subprocess.Popen(args + ["--reembed"], env=env(B), cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None:
+                if db.table_dimension(conn, table + SUFFIX) and \
+                        db.count_rows(conn, table + SUFFIX)["rows"] >= 60:
+                    break
+                assert db.count_rows(conn, table)["rows"] == n  # searches read the old table
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            in_shadow = db.count_rows(conn, table + SUFFIX)["rows"]
+            assert 0 < in_shadow < n, "the run must be killed midway"
+            assert np.array_equal(db.fetch_vectors(conn, table, "pmid", ["1007"])["1007"], old)
+            cached_b = len(EmbeddingCache(tmp_path / "cache.jsonl")) - n  # A's entries aside
+            assert cached_b >= in_shadow and server.total_texts() - cached_b <= batch
+            server.reset()
+            rerun = run(B, "--reembed")
+            assert rerun.returncode == 0, rerun.stderr
+            assert server.total_texts() == n - cached_b  # only what the cache lacked
+        finally:
+            proc.kill()
+            db.drop_table(conn, table + SUFFIX)
+    stored = db.fetch_vectors(conn, table, "pmid", [str(1000 + i) for i in range(n)])
+    assert len(stored) == n and db.table_dimension(conn, table + SUFFIX) is None
+    assert all(np.allclose(stored[str(1000 + i)], expected_vector(t, dim, model=B), atol=1e-6)
+               for i, t in enumerate(texts))
