@@ -32,7 +32,7 @@ class TableSink:
                  bar: tqdm):
         self.plan, self.conn, self.settings, self.report = plan, conn, settings, report
         self.sequence, self.bar = sequence, bar
-        self.table_ready = False
+        self.table_ready = self.claimed = False
         self.failures: list[Failure] = []
 
     def deliver(self, done) -> None:
@@ -40,9 +40,11 @@ class TableSink:
         if not self.table_ready:
             db.create_table(self.conn, target.table, target.id_col, target.text_col,
                             done.vectors.shape[1])
+            self.table_ready = True
+        if not self.claimed:  # the record checked again: another run may have taken the table
             provenance.at_first_vectors(self.conn, target.table, self.plan.provenance,
                                         self.sequence.backend, done.vectors.shape[1])
-            self.table_ready = True
+            self.claimed = True
         assume_new = not any(pieces.ids[r] in self.plan.stored_ids for r in done.rows)
         steps.write(self.conn, target, pieces, done, upsert=self.settings.UPSERT,
                    assume_new=assume_new)

@@ -26,7 +26,7 @@ from psycopg2 import sql
 
 from .db import table_dimension
 from .db_guard import guarded
-from .errors import ModelMismatch
+from .errors import TableOfAnotherModel
 from .identity import Identity
 from .table_names import regclass_text, table_ident
 
@@ -103,23 +103,6 @@ class Provenance:
         return None
 
 
-class TableOfAnotherModel(ModelMismatch):
-    """The table's vectors were made by another identity than this run's: stopped before
-    any request, with the two ways on (another table, or `--reembed`)."""
-
-    def __init__(self, table: str, stored: Provenance, current: Provenance, fields: list[str],
-                 hint: str = ""):
-        self.table, self.stored, self.current, self.fields = table, stored, current, fields
-        hint = hint or ("Choose another table (--table NAME, or TABLE_NAME), or replace every "
-                        "vector of this one with --reembed (EMBED_REEMBED=1): paid once, resumable, "
-                        "and searches keep the old vectors until the new table is swapped in.")
-        super().__init__("TABLE_NAME", f"table {table} was made by {stored.describe()}; this run "
-                                       f"is {current.describe()}: {', '.join(fields)} differ"
-                                       f"{'s' if len(fields) == 1 else ''}. Its stored vectors and "
-                                       f"this run's would come from different models, so nothing "
-                                       f"was sent or written. {hint}")
-
-
 @guarded("reading the provenance of {table}")
 def read(conn, table: str) -> tuple[bool, Provenance | None]:
     """(whether the table exists, its record or None)."""
@@ -168,20 +151,40 @@ def check(conn, table: str, current: Provenance, hint: str = "") -> list[str]:
     if stored is None:
         return [f"table {table} has no record of the model that made its vectors (made before "
                 f"this release): it is adopted as made by {current.describe()}"]
+    if stored.differences(current) and is_empty(conn, table):
+        return [f"table {table} is empty: its record ({stored.describe()}) is replaced by this "
+                "run's"]
     compare(table, stored, current, hint)
     return []
 
 
+@guarded("reading {table}")
+def is_empty(conn, table: str, lock: bool = False) -> bool:
+    """No row in the table. With `lock`, in the caller's transaction after a SHARE lock,
+    which waits for a writer's open transaction: its rows count, not only committed ones."""
+    with conn.cursor() as cur:
+        if lock:
+            cur.execute(sql.SQL("LOCK TABLE {t} IN SHARE MODE").format(t=table_ident(table)))
+        cur.execute(sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {t})").format(t=table_ident(table)))
+        empty = cur.fetchone()[0]
+    if not lock:
+        conn.rollback()
+    return empty
+
+
 @guarded("recording the provenance of {table}")
-def claim(conn, table: str, record: Provenance) -> None:
+def claim(conn, table: str, record: Provenance, replace_empty: bool = False) -> None:
     """At a sink's first vectors (the table exists now): record ours when the table has
     none, else check the one another process may have written since the plan. Serialised
-    per table by a transaction lock, so two runs that create one table cannot both record."""
+    per table by a transaction lock, so two runs that create one table cannot both record.
+    `replace_empty` (a run's start): the record of a table with no row (TRUNCATEd, or left by
+    a run stopped before its first write) gives way to ours."""
     with conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (MARKER + regclass_text(table),))
         cur.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", (regclass_text(table),))
         stored = Provenance.from_comment(cur.fetchone()[0])
-    if stored is None:
+    if stored is None or (replace_empty and stored.differences(record)
+                          and is_empty(conn, table, lock=True)):
         write(conn, table, record)
         return
     conn.rollback()
@@ -194,9 +197,10 @@ def at_run(conn, plan, backend) -> None:
     claimed by the sink at its first vectors instead."""
     if plan.provenance is None:
         return
-    dim = plan.identity.dim or table_dimension(conn, plan.target.table)
-    if dim:  # else no table yet
-        claim(conn, plan.target.table, plan.provenance.made_by(backend.identity(dim)))
+    stored_dim = table_dimension(conn, plan.target.table)
+    if stored_dim:  # else no table yet
+        claim(conn, plan.target.table, plan.provenance.made_by(
+            backend.identity(plan.identity.dim or stored_dim)), replace_empty=True)
 
 
 def at_first_vectors(conn, table: str, record: Provenance | None, backend, dim: int) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from psycopg2 import sql
 
 from . import provenance
+from .db import table_dimension
 from .db_guard import guarded
 from .errors import DataError
 from .provenance import Provenance
@@ -167,6 +168,7 @@ def swap(conn, plan, dim: int) -> tuple[int, list]:
         cur.execute("SELECT to_regclass(%s) IS NOT NULL", (regclass_text(f"{job.table}_embedding_hnsw"),))
         had_index = cur.fetchone()[0]
     conn.rollback()
+    dim = dim or table_dimension(conn, shadow)
     if had_index and dim:  # built before the swap's lock, outside it
         create_hnsw_index(conn, shadow, dim)
     schema = schema_of(job.table)

@@ -12,7 +12,7 @@ from fake_server import FakeEmbeddingServer, expected_vector
 from embed_helpers import db, provenance, retrieval, workflow
 from embed_helpers.backends import get_backend
 from embed_helpers.cache.tools import open_cache
-from embed_helpers.errors import ModelMismatch
+from embed_helpers.errors import ModelMismatch, TableOfAnotherModel
 from embed_helpers.reembed import SUFFIX
 from embed_helpers.steps import Target
 
@@ -72,7 +72,7 @@ def test_another_model_of_the_same_dimension_is_refused_before_any_request(
 def test_another_backend_with_the_same_model_is_refused(settings_of, server, conn, table):
     plan_run(settings_of(A), conn, table, ["1", "2"], TEXTS[:2])
     server.reset()
-    with pytest.raises(provenance.TableOfAnotherModel) as stopped:
+    with pytest.raises(TableOfAnotherModel) as stopped:
         plan_run(settings_of(A, backend="llm_api"), conn, table, ["1", "2"], TEXTS[:2])
     assert stopped.value.fields == ["route"]
     assert server.total_requests() == 0
@@ -81,12 +81,22 @@ def test_another_backend_with_the_same_model_is_refused(settings_of, server, con
 def test_other_chunking_is_refused_and_a_longer_window_of_fail_is_not(settings_of, server,
                                                                        conn, table):
     plan_run(settings_of(A), conn, table, ["1"], [LONG])
-    with pytest.raises(provenance.TableOfAnotherModel) as stopped:
+    with pytest.raises(TableOfAnotherModel) as stopped:
         plan_run(settings_of(A, EMBED_CHUNK_OVERLAP=8), conn, table, ["1"], [LONG], run=False)
     assert stopped.value.fields == ["overlap"]
-    with pytest.raises(provenance.TableOfAnotherModel) as stopped:
+    with pytest.raises(TableOfAnotherModel) as stopped:
         plan_run(settings_of(A, EMBED_LONG_TEXTS="truncate"), conn, table, ["1"], [LONG], run=False)
     assert stopped.value.fields == ["long_texts"]
+
+
+def test_an_emptied_table_takes_the_next_runs_model(settings_of, server, conn, table):
+    plan_run(settings_of(A), conn, table, ["1"], TEXTS[:1])
+    with conn.cursor() as cur:
+        cur.execute(f'TRUNCATE "{table}"')
+    conn.commit()
+    plan, report = plan_run(settings_of(B), conn, table, ["1"], TEXTS[:1])
+    assert any("is empty" in note for note in plan.notes) and report.rows_written == 1
+    assert provenance.read(conn, table)[1].identity["model"] == B
 
 
 def test_a_table_from_before_provenance_is_adopted(settings_of, server, conn, table):
