@@ -60,14 +60,20 @@ class Provenance:
         return Provenance(asdict(identity), self.chunking)
 
     def differences(self, other: "Provenance") -> list[str]:
-        """The fields whose values differ. A field one side lacks is not compared: a record
-        written before the field existed, a window not settled yet, a dimension unknown."""
+        """The fields whose values differ. A field one side lacks is not compared (a record
+        written before the field existed, a window not settled yet), nor a dimension one
+        side does not know yet; any other None is a value (EMBED_DIMENSIONS unset).
+
+        >>> a = Provenance({"model": "m", "dim": 8, "dimensions": None}, {"long_texts": "chunk"})
+        >>> a.differences(Provenance({"model": "m", "dim": None, "dimensions": 4}, {}))
+        ['dimensions']
+        """
         found = []
         for part in ("identity", "chunking"):
             mine, theirs = getattr(self, part), getattr(other, part)
             for name in mine:
-                if name in theirs and None not in (mine[name], theirs[name]) \
-                        and mine[name] != theirs[name]:
+                unknown = name == "dim" and None in (mine[name], theirs.get(name))
+                if name in theirs and not unknown and mine[name] != theirs[name]:
                     found.append(name)
         return found
 
