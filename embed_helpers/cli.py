@@ -24,7 +24,7 @@ FLAG_SETTINGS = {"backend": "EMBEDDING_BACKEND", "batch_size": "EMBED_BATCH_SIZE
                  "concurrency": "EMBED_MAX_CONCURRENCY", "engine": "EMBED_ENGINE",
                  "ray_address": "RAY_ADDRESS", "workers": "EMBED_WORKERS",
                  "encoding": "EMBED_INPUT_ENCODING", "hosted_mode": "EMBED_HOSTED_MODE",
-                 "batch_wait": "EMBED_BATCH_WAIT"}
+                 "batch_wait": "EMBED_BATCH_WAIT", "reembed": "EMBED_REEMBED"}
 
 
 def _settings(args):
@@ -205,6 +205,8 @@ def _add_run_flags(p, name: str) -> None:
     p.add_argument("--concurrency", help="EMBED_MAX_CONCURRENCY for this run")
     p.add_argument("--batch-api", dest="hosted_mode", action="store_const", const="batch",
                    help="EMBED_HOSTED_MODE=batch: OpenAI's Batch API, half the price, within 24 h")
+    p.add_argument("--reembed", action="store_true", default=None,
+                   help="EMBED_REEMBED: replace every vector of a table made by another model")
     if name == "ingest":
         p.add_argument("--no-wait", dest="batch_wait", action="store_const", const="0",
                        help="with --batch-api: submit the jobs and stop; rerun to collect")

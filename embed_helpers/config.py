@@ -66,6 +66,7 @@ class Settings:
     EMBED_PGDATA: Path = DEFAULT_PGDATA
     UPSERT: bool = True
     EMBED_INDEX: str = "auto"
+    EMBED_REEMBED: bool = False
     EMBED_RUNS_DIR: Path = DEFAULT_RUNS_DIR
     EMBED_INPUT_ENCODING: str = "utf-8"
     EMBED_SOURCE_WINDOW: int = SOURCE_WINDOW_ROWS
@@ -125,6 +126,7 @@ SPEC: dict[str, tuple[Callable[[Any], Any], str]] = {
     "EMBED_PGDATA": (path_value, "data folder of the embedded server (when DATABASE_URL is unset)"),
     "UPSERT": (boolean, "update rows whose id exists (ON CONFLICT DO UPDATE); off = keep them"),
     "EMBED_INDEX": (one_of("auto", "always", "never"), "HNSW index after the load: auto (from 20,000 rows), always, never"),
+    "EMBED_REEMBED": (boolean, "replace every vector of a table made by another model (--reembed): built beside it, swapped in when complete"),
     "EMBED_RUNS_DIR": (path_value, "where failure lists and reports go; relative paths are from the project root"),
     "EMBED_INPUT_ENCODING": (codec, "text encoding of input CSV files (a UTF-8 BOM is always dropped); e.g. cp1252 for Excel's plain CSV"),
     "EMBED_SOURCE_WINDOW": (whole_number(1), "rows of a PostgreSQL source (--data postgresql://...) read, planned and run at a time"),

@@ -24,6 +24,23 @@ class ModelMismatch(ConfigError):
     would be cached under a name that did not make them. Raised before anything is stored."""
 
 
+class TableOfAnotherModel(ModelMismatch):
+    """The table's vectors were made by another identity than this run's (`provenance`):
+    stopped before any request, with the two ways on (another table, or `--reembed`).
+    `stored` and `current` are the two `provenance.Provenance` records, `fields` what differs."""
+
+    def __init__(self, table: str, stored, current, fields: list[str], hint: str = ""):
+        self.table, self.stored, self.current, self.fields = table, stored, current, fields
+        hint = hint or ("Choose another table (--table NAME, or TABLE_NAME), or replace every "
+                        "vector of this one with --reembed (EMBED_REEMBED=1): paid once, resumable, "
+                        "and searches keep the old vectors until the new table is swapped in.")
+        super().__init__("TABLE_NAME", f"table {table} was made by {stored.describe()}; this run "
+                                       f"is {current.describe()}: {', '.join(fields)} differ"
+                                       f"{'s' if len(fields) == 1 else ''}. Its stored vectors and "
+                                       f"this run's would come from different models, so the run "
+                                       f"stops before writing anything. {hint}")
+
+
 class DataError(EmbedHelpersError, ValueError):
     """The input data cannot be ingested as given (missing column, no rows...)."""
 

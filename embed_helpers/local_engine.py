@@ -14,7 +14,7 @@ import logging
 
 from tqdm import tqdm
 
-from . import steps, db
+from . import steps, db, provenance
 from .constants import PREVIEW_CHARS
 from .plan import Plan
 from .rate_governor import budget_status
@@ -33,7 +33,7 @@ class TableSink:
                  bar: tqdm):
         self.plan, self.conn, self.settings, self.report = plan, conn, settings, report
         self.sequence, self.bar = sequence, bar
-        self.table_ready = False
+        self.table_ready = self.claimed = False
         self.failures: list[Failure] = []
 
     def deliver(self, done) -> None:
@@ -42,6 +42,10 @@ class TableSink:
             db.create_table(self.conn, target.table, target.id_col, target.text_col,
                             done.vectors.shape[1], self.settings.EMBED_STORAGE)
             self.table_ready = True
+        if not self.claimed:  # the record checked again: another run may have taken the table
+            provenance.at_first_vectors(self.conn, target.table, self.plan.provenance,
+                                        self.sequence.backend, done.vectors.shape[1])
+            self.claimed = True
         assume_new = not any(pieces.ids[r] in self.plan.stored_ids for r in done.rows)
         steps.write(self.conn, target, pieces, done, upsert=self.settings.UPSERT,
                    assume_new=assume_new)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from . import steps, storage
 from .identity import Identity
 from .pieces import Pieces
+from .provenance import Provenance
 from .resilient import BatchSizer
 from .sequence import BatchCutter, batch_size
 from .steps import Rows, Target
@@ -45,6 +46,8 @@ class Plan:
     runs: int = 0                 # times `run_plan` carried it out
     notes: list[str] = field(default_factory=list)
     batch_rows: list = field(default_factory=list)   # EMBED_HOSTED_MODE=batch (`batch_api`)
+    provenance: Provenance | None = None   # what makes the vectors, recorded on the table
+    reembed: object = None        # a `reembed.Reembed` when the plan fills a shadow table
 
     def batches(self) -> list[list[str]]:
         """The requests the run will send (before any split the server asks for)."""

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import steps, db, retrieval, windows
+from . import steps, db, provenance, reembed, retrieval, windows
 from .backends import Backend
 from .cache.tools import open_cache
 from .config import Settings
@@ -111,12 +111,16 @@ def plan_ingest(df, target: Target, *, settings: Settings, conn, backend: Backen
     """Step 8: count what the run will do; creates nothing. `probe=True` times one real
     batch through the embedding sequence (its vectors go to the cache, so the probe is not
     paid twice) to estimate time and cost."""
-    source = "Step 6" if dim else ""
-    if not dim:
+    rows = rows_of(df, target)
+    if not settings.EMBED_REEMBED:  # before any request: a table of another model stops here
+        provenance.check(conn, target.table,
+                         provenance.Provenance.of(backend.identity(), None, settings))
+    warning = windows.settle(backend, cache, rows.texts)  # the window, before any Pieces
+    target, rows, job, notes = reembed.guard(conn, target, rows, backend, settings)
+    source = "Step 6" if dim and job is None else ""
+    if not source:
         dim, source = steps.known_dimension(settings, backend.identity(), conn=conn,
                                            table=target.table, cache=cache)
-    rows = rows_of(df, target)
-    warning = windows.settle(backend, cache, rows.texts)  # the window, before any Pieces
     plan = make_plan(rows, target, conn=conn, backend=backend, cache=cache, settings=settings,
                      dim=dim, dim_source=source)
     plan.notes += [warning] if warning else []
@@ -133,6 +137,8 @@ def plan_ingest(df, target: Target, *, settings: Settings, conn, backend: Backen
                          "the probe batch")
         plan.texts_per_s = len(sample) / elapsed if elapsed > 0 and tally.embedded else None
         plan.probe_texts = tally.embedded
+    plan.provenance = provenance.Provenance.of(plan.identity, plan.window, settings)
+    plan.reembed, plan.notes = job, notes + plan.notes
     return plan
 
 
@@ -161,13 +167,16 @@ def run_plan(plan: Plan, *, conn, backend: Backend, cache, settings: Settings,
                                                plan.target.text_col, plan.target.chunks_table,
                                                plan.rows.ids))
     plan.runs += 1
+    provenance.at_run(conn, plan, backend)  # another process may have written the table since
     if settings.EMBED_ENGINE == "ray":
         from .ray_engine.driver import run_plan_ray
-        return run_plan_ray(plan, settings=settings, backend=backend, cache=cache,
-                            progress=progress)
-    from .local_engine import run_local
-    return run_local(plan, conn=conn, backend=backend, cache=cache, settings=settings,
-                     progress=progress)
+        report = run_plan_ray(plan, settings=settings, backend=backend, cache=cache,
+                              progress=progress)
+    else:
+        from .local_engine import run_local
+        report = run_local(plan, conn=conn, backend=backend, cache=cache, settings=settings,
+                           progress=progress)
+    return reembed.finish(conn, plan, report)  # a reembed's shadow swapped in when complete
 
 
 def ingest(df, target: Target, *, settings: Settings, conn, backend: Backend, cache,

@@ -56,9 +56,11 @@ def count_tokens(text: str) -> int:
     return -(-len(text.encode("utf-8")) // 4)
 
 
-def expected_vector(text: str, dim: int, normalized: bool = True) -> np.ndarray:
-    """The float32 vector the fake server returns for `text` (legacy route: normalized=False)."""
-    vector = _unit(text, dim)
+def expected_vector(text: str, dim: int, normalized: bool = True,
+                    model: str | None = None) -> np.ndarray:
+    """The float32 vector the fake server returns for `text` (legacy route: normalized=False;
+    `model`: of a server with `vectors_by_model`, where each model gives its own vectors)."""
+    vector = _unit(text if model is None else f"{model}\x1f{text}", dim)
     return vector if normalized else (vector * np.float32(LEGACY_SCALE)).astype(np.float32)
 
 
@@ -80,10 +82,10 @@ def _tokenizer(path: str):
     return tokenizer
 
 
-def shortened_vector(text: str, dim: int, width: int) -> np.ndarray:
+def shortened_vector(text: str, dim: int, width: int, model: str | None = None) -> np.ndarray:
     """The vector for `text` asked at `width` dimensions: the first `width` values of the
     full one, unit length again (OpenAI's text-embedding-3, Ollama's /api/embed)."""
-    vector = expected_vector(text, dim)[:width]
+    vector = expected_vector(text, dim, model=model)[:width]
     return (vector / np.linalg.norm(vector)).astype(np.float32)
 
 
@@ -252,8 +254,8 @@ class FakeEmbeddingServer:
         self.ignore_base64 = False             # answer floats whatever was asked
         self.fail_after: int | None = None     # 503 to every request after this many answered
         self.budget: RateBudget | None = None  # a rate budget per window, with OpenAI's headers
-
         self.dimensions = "matryoshka"         # `dimensions`: matryoshka, ignore, or DIMENSION_REFUSALS
+        self.vectors_by_model = False          # each model its own vectors (else one set for all)
         if latency:
             self.max_batch, self.rate_429, self.rate_5xx = latency.max_batch, latency.rate_429, latency.rate_5xx
             self.retry_after_s = latency.retry_after_s
@@ -446,28 +448,32 @@ class FakeEmbeddingServer:
         self._count(route, "texts", len(texts))
         req.reply(200, payload, headers=budget_headers)
 
-    def vector(self, text: str, route: str, width: int | None = None) -> np.ndarray:
+    def vector(self, text: str, route: str, width: int | None = None,
+               model: str | None = None) -> np.ndarray:
         if self.truncate_at is not None:  # what the model reads: its first N tokens
             text = read_part(text, self.truncate_at, self.tokenizer_file)
         if self.empty_vectors:
             return np.zeros(0, dtype=np.float32)
         dim = self.wrong_dim or self.dim
+        model = model if self.vectors_by_model else None
         if width and 0 < width < dim and self.dimensions == "matryoshka":
-            return shortened_vector(text, dim, width)
-        return expected_vector(text, dim, normalized=route != LEGACY)
+            return shortened_vector(text, dim, width, model)
+        return expected_vector(text, dim, normalized=route != LEGACY, model=model)
 
     def answer(self, route: str, body: dict, texts: list[str], draws: random.Random) -> dict:
+        model = self.answer_model or body.get("model") or ""
         if route == LEGACY:
-            return {"embedding": self.vector(texts[0], route).tolist()}
+            return {"embedding": self.vector(texts[0], route, model=model).tolist()}
         width = body.get("dimensions")
         if route == EMBED:
-            return {"model": body.get("model"), "embeddings": [self.vector(t, route, width).tolist() for t in texts],
+            return {"model": body.get("model"),
+                    "embeddings": [self.vector(t, route, width, model).tolist() for t in texts],
                     "total_duration": 1_000_000, "load_duration": 1000,
                     "prompt_eval_count": sum(len(t.split()) for t in texts)}
         b64 = body.get("encoding_format") == "base64" and not self.ignore_base64
         data = [{"object": "embedding", "index": i,
-                 "embedding": base64.b64encode(self.vector(t, route, width).astype("<f4").tobytes()).decode()
-                 if b64 else self.vector(t, route, width).tolist()} for i, t in enumerate(texts)]
+                 "embedding": base64.b64encode(self.vector(t, route, width, model).astype("<f4").tobytes()).decode()
+                 if b64 else self.vector(t, route, width, model).tolist()} for i, t in enumerate(texts)]
         if self.shuffle_index:
             draws.shuffle(data)
         tokens = sum(count_tokens(t) for t in texts)  # what it bills: the tokens it counted

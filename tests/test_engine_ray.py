@@ -345,3 +345,20 @@ def test_switching_to_ray_after_a_local_run_with_the_jsonl_cache_pays_nothing(
     assert "5 new entries carried from" in caplog.text
     with open_cache(make(servers)) as table_store:  # nothing left to carry: no file read
         assert carry_file(settings.EMBED_CACHE_PATH, table_store) == 0 and len(table_store) == 95
+
+
+def test_a_reembed_on_ray_swaps_in_the_other_models_vectors(make, conn, table):
+    """The workers fill the shadow table and record its model; the swap carries the record."""
+    from embed_helpers import provenance
+    from embed_helpers.reembed import SUFFIX
+    df = frame(25)
+    with FakeEmbeddingServer(DIM, vectors_by_model=True) as server:
+        run(df, table, make([server], OLLAMA_EMBED_MODEL="model-a"), conn)
+        report = run(df, table, make([server], OLLAMA_EMBED_MODEL="model-b", EMBED_ENGINE="ray",
+                                     EMBED_REEMBED=1), conn)
+    assert report.engine == "ray" and report.table == table and report.rows_written == 25
+    rows = stored(conn, table)
+    assert len(rows) == 25 and db.table_dimension(conn, table + SUFFIX) is None
+    for text, vector in rows.values():
+        np.testing.assert_allclose(vector, expected_vector(text, DIM, model="model-b"), atol=1e-6)
+    assert provenance.read(conn, table)[1].identity["model"] == "model-b"

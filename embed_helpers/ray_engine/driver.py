@@ -80,7 +80,7 @@ def _run(ray, plan: Plan, settings: Settings, servers: int, report: RunReport,
             settings=settings, target=plan.target, dim=plan.identity.dim,
             dim_source=plan.dim_source,
             concurrency=max(1, settings.EMBED_MAX_CONCURRENCY * servers // workers),
-            numbers=numbers),
+            numbers=numbers, record=plan.provenance),
         batch_size=block, batch_format="numpy",
         # One block per worker at a time: a worker that started first must not queue them all.
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),

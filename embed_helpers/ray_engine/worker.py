@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 
-from .. import steps, db, windows
+from .. import steps, db, provenance, windows
 from ..pieces import Done, Pieces
 from ..rate_governor import budget_since
 from ..resilient import Dimension, Failure
@@ -37,12 +37,12 @@ class BlockWorker:
     """A Ray Data actor: `map_batches(BlockWorker, fn_constructor_kwargs=...)`."""
 
     def __init__(self, settings, target: steps.Target, dim: int | None, dim_source: str,
-                 concurrency: int, numbers):
+                 concurrency: int, numbers, record=None):
         import ray
 
         from ..backends import get_backend
         from ..cache.tools import open_cache
-        self.settings, self.target = settings, target
+        self.settings, self.target, self.record = settings, target, record  # provenance
         index = ray.get(numbers.next.remote())
         self.name = f"worker-{index}"
         # Worker i starts at server i of OLLAMA_HOST / OPENAI_BASE_URL.
@@ -65,6 +65,8 @@ class BlockWorker:
         if done.rows and not self.table_ready:
             db.create_table(self.conn, self.target.table, self.target.id_col,
                             self.target.text_col, done.vectors.shape[1], self.settings.EMBED_STORAGE)
+            provenance.at_first_vectors(self.conn, self.target.table, self.record, self.backend,
+                                        done.vectors.shape[1])
             self.table_ready = True
         new = {str(i) for i, is_new in zip(batch["id"], batch["new"]) if is_new}
         written = steps.write(self.conn, self.target, pieces, done, upsert=self.settings.UPSERT,
