@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .printing import Secret, mask, mask_url, relative  # noqa: F401  (settings API)
 from .setting_values import (boolean, codec, dsn, number, one_of, optional, path_value, secret,  # noqa: F401
                              text, url_list, urls, whole_number)
+from .setting_values import column_names, share
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class Settings:
     EMBED_PGDATA: Path = DEFAULT_PGDATA
     UPSERT: bool = True
     EMBED_INDEX: str = "auto"
+    EMBED_SYNC: bool = False
+    EMBED_SYNC_MAX_DELETE: float = 0.5
+    EMBED_SYNC_SCOPE: str = "files"
+    EMBED_KEEP_COLS: tuple[str, ...] = ()
     EMBED_RUNS_DIR: Path = DEFAULT_RUNS_DIR
     EMBED_INPUT_ENCODING: str = "utf-8"
     EMBED_WORKERS: int | None = None
@@ -109,6 +114,10 @@ SPEC: dict[str, tuple[Callable[[Any], Any], str]] = {
     "EMBED_PGDATA": (path_value, "data folder of the embedded server (when DATABASE_URL is unset)"),
     "UPSERT": (boolean, "update rows whose id exists (ON CONFLICT DO UPDATE); off = keep them"),
     "EMBED_INDEX": (one_of("auto", "always", "never"), "HNSW index after the load: auto (from 20,000 rows), always, never"),
+    "EMBED_SYNC": (boolean, "after the run, delete the rows (and chunks) whose ids left the input, within EMBED_SYNC_SCOPE"),
+    "EMBED_SYNC_MAX_DELETE": (share, "sync refuses to delete more than this fraction of the rows in scope, unless --force-delete"),
+    "EMBED_SYNC_SCOPE": (one_of("files", "table"), "what sync may delete: files (rows from the files this run read) or table (the input is the whole table)"),
+    "EMBED_KEEP_COLS": (column_names, "input columns stored beside the vector (metadata jsonb), comma-separated; the notebook's KEEP_COLS"),
     "EMBED_RUNS_DIR": (path_value, "where failure lists and reports go; relative paths are from the project root"),
     "EMBED_INPUT_ENCODING": (codec, "text encoding of input CSV files (a UTF-8 BOM is always dropped); e.g. cp1252 for Excel's plain CSV"),
     "EMBED_WORKERS": (optional(whole_number(1)), "Ray workers; unset = one per GPU (local) or per server"),
@@ -137,6 +146,8 @@ def display(settings: Settings, name: str) -> str:
         return mask(value)
     if isinstance(value, Path):
         return relative(value)
+    if isinstance(value, tuple):  # EMBED_KEEP_COLS, as it is written
+        return ",".join(value)
     if name in ("OLLAMA_HOST", "OPENAI_BASE_URL"):
         return ",".join(mask_url(u) for u in urls(value))
     return str(value)

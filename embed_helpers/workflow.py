@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import steps, db, retrieval, windows
+from . import steps, db, metadata, retrieval, sync, windows
 from .backends import Backend
 from .cache.tools import open_cache
 from .config import Settings
@@ -44,8 +44,9 @@ class RawInput:
 
 
 def load_raw(path, id_col: str | None = None, text_col: str | None = None,
-             limit: int | None = None) -> RawInput:
-    """Step 3: a Synthea folder (first `limit` patients) or a CSV file (first `limit` rows)."""
+             limit: int | None = None, keep=()) -> RawInput:
+    """Step 3: a Synthea folder (first `limit` patients) or a CSV file (first `limit` rows),
+    with the `keep` columns (KEEP_COLS) and each row's file (for sync)."""
     from . import data  # pandas: only for Steps 3-5, never for a CSV ingest from the CLI
 
     folder = project_path(path)
@@ -55,7 +56,8 @@ def load_raw(path, id_col: str | None = None, text_col: str | None = None,
         if limit:
             tables = data.first_patients(tables, limit)
         return RawInput(tables, data.CONTEXT_ID, data.CONTEXT_TEXT, as_of)
-    df, id_col, text_col = data.load_input(folder, id_col, text_col, limit)
+    df, id_col, text_col = data.load_input(folder, id_col, text_col, limit, keep=keep,
+                                           with_source=True)
     return RawInput({"rows": df}, id_col, text_col)
 
 
@@ -102,23 +104,28 @@ def rows_of(df, target: Target) -> steps.Rows:
         raise DataError(f"Column(s) {', '.join(map(repr, missing))} not in the input. "
                         f"Columns that exist: {', '.join(columns)}. "
                         "Set ID_COL / TEXT_COL (or --id-col / --text-col).")
-    return steps.prepare(list(df[target.id_col]), list(df[target.text_col]), id_col=target.id_col)
+    return steps.prepare(list(df[target.id_col]), list(df[target.text_col]), id_col=target.id_col,
+                         **metadata.input_columns(df, target, columns))
 
 
 def plan_ingest(df, target: Target, *, settings: Settings, conn, backend: Backend, cache,
-                dim: int | None = None, probe: bool = False) -> Plan:
+                dim: int | None = None, probe: bool = False, scope=None,
+                force_delete: bool = False) -> Plan:
     """Step 8: count what the run will do; creates nothing. `probe=True` times one real
     batch through the embedding sequence (its vectors go to the cache, so the probe is not
-    paid twice) to estimate time and cost."""
+    paid twice) to estimate time and cost. With EMBED_SYNC, `scope` names the input's files
+    (default: those `data.load_input` read) and a sync over the brake is refused here."""
     source = "Step 6" if dim else ""
     if not dim:
         dim, source = steps.known_dimension(settings, backend.identity(), conn=conn,
                                            table=target.table, cache=cache)
+    target = sync.target_for(target, settings)
     rows = rows_of(df, target)
     warning = windows.settle(backend, cache, rows.texts)  # the window, before any Pieces
     plan = make_plan(rows, target, conn=conn, backend=backend, cache=cache, settings=settings,
                      dim=dim, dim_source=source)
     plan.notes += [warning] if warning else []
+    sync.prepare_plan(plan, conn, settings, df, scope, force=force_delete)  # before any payment
     if probe and plan.to_embed and not settings.EMBED_CACHE_ONLY \
             and settings.EMBED_EXPECTED_TEXTS_PER_S is None and cache is not None:
         sample = plan.batches()[0]
@@ -132,6 +139,7 @@ def plan_ingest(df, target: Target, *, settings: Settings, conn, backend: Backen
                          "the probe batch")
         plan.texts_per_s = len(sample) / elapsed if elapsed > 0 and tally.embedded else None
         plan.probe_texts = tally.embedded
+        sync.prepare_plan(plan, conn, settings, df, scope, force=force_delete)
     return plan
 
 
@@ -158,18 +166,22 @@ def run_plan(plan: Plan, *, conn, backend: Backend, cache, settings: Settings,
     plan.runs += 1
     if settings.EMBED_ENGINE == "ray":
         from .ray_engine.driver import run_plan_ray
-        return run_plan_ray(plan, settings=settings, backend=backend, cache=cache,
-                            progress=progress)
-    from .local_engine import run_local
-    return run_local(plan, conn=conn, backend=backend, cache=cache, settings=settings,
-                     progress=progress)
+        report = run_plan_ray(plan, settings=settings, backend=backend, cache=cache,
+                              progress=progress)
+    else:
+        from .local_engine import run_local
+        report = run_local(plan, conn=conn, backend=backend, cache=cache, settings=settings,
+                           progress=progress)
+    return sync.after_run(plan, conn=conn, settings=settings, report=report)
 
 
 def ingest(df, target: Target, *, settings: Settings, conn, backend: Backend, cache,
-           dim: int | None = None, progress: bool = True) -> RunReport:
-    """Steps 8 and 9b: plan, then embed what is missing and write what changed."""
+           dim: int | None = None, progress: bool = True, scope=None,
+           force_delete: bool = False) -> RunReport:
+    """Steps 8 and 9b: plan, then embed what is missing and write what changed (and with
+    EMBED_SYNC delete what left the input)."""
     plan = plan_ingest(df, target, settings=settings, conn=conn, backend=backend, cache=cache,
-                       dim=dim)
+                       dim=dim, scope=scope, force_delete=force_delete)
     return run_plan(plan, conn=conn, backend=backend, cache=cache, settings=settings,
                     progress=progress)
 
@@ -262,12 +274,14 @@ def parity_check(conn, backend: Backend, df, target: Target, settings: Settings,
             "same_top3": top[0] == top[1]}
 
 
-def semantic_search(conn, backend: Backend, target: Target, query: str,
-                    k: int = 3) -> list[tuple[str, float, str]]:
+def semantic_search(conn, backend: Backend, target: Target, query: str, k: int = 3,
+                    where: dict | None = None) -> list[tuple[str, float, str]]:
     """Embed `query` with the same backend and return the k nearest rows (a row split into
-    chunks is ranked by its best chunk, whose text is shown)."""
+    chunks is ranked by its best chunk, whose text is shown); `where` filters on kept
+    columns, e.g. {"year": 2020, "journal": ["BMJ", "Lancet"]} (`retrieval.search`)."""
     vector = np.asarray(backend.embed_batch([query])[0], dtype=np.float32)
-    return retrieval.search(conn, target.table, target.id_col, target.text_col, vector, k)
+    return retrieval.search(conn, target.table, target.id_col, target.text_col, vector, k,
+                            where=where)
 
 
 __all__ = ["RawInput", "load_raw", "clean_raw", "build_rows", "open_cache", "discover_dimension",
