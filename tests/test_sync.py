@@ -1,6 +1,7 @@
 """Sync (EMBED_SYNC): rows that left the input leave the table, within the run's scope, with a
 brake; nothing is sent to the server for it. Real PostgreSQL, a real loopback server."""
 import csv
+import re
 
 import pytest
 
@@ -44,9 +45,9 @@ def run(fake_server, make_settings, conn, table):
     return go
 
 
-def ids(conn, table, chunks=False):
+def ids(conn, table, chunks=False, column="id"):
     with conn.cursor() as cur:
-        cur.execute(f'SELECT DISTINCT id FROM "{table}{"_chunks" if chunks else ""}"')
+        cur.execute(f'SELECT DISTINCT {column} FROM "{table}{"_chunks" if chunks else ""}"')
         found = {r[0] for r in cur.fetchall()}
     conn.rollback()
     return found
@@ -145,3 +146,34 @@ def test_failed_rows_are_not_deleted(run, fake_server, conn, table, tmp_path):
     report = run(path)
     assert report.rows_failed == 1 and report.sync["rows_deleted"] == 0
     assert "a7" in ids(conn, table) and len(ids(conn, table)) == 20
+
+
+def test_cli_flags_sync_keep_cols_and_the_brakes_exit_status(fake_server, conn, table, tmp_path):
+    import subprocess
+    import sys
+
+    from test_cli import cli_env
+    path = tmp_path / "abstracts.csv"
+    rows = [(f"p{i}", f"abstract {i}", str(2000 + i)) for i in range(10)]
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows([("pmid", "text", "year"), *rows])
+    env = cli_env(fake_server, tmp_path)
+    base = ["--data", str(path), "--id-col", "pmid", "--text-col", "text", "--table", table]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "embed_helpers", *args], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    first = cli("ingest", *base, "--sync", "--keep-cols", "year", "-q")
+    assert first.returncode == 0, first.stderr
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows([("pmid", "text", "year"), *rows[:3]])
+    plan = cli("plan", *base, "--sync", "--no-probe", "--force-delete")
+    assert plan.returncode == 0
+    assert re.search(r"rows to delete \(sync: not in the input, or now empty\) +7\n", plan.stdout)
+    refused = cli("ingest", *base, "--sync", "-q")
+    assert refused.returncode == 1
+    assert "sync would delete 7 of the 10 rows" in refused.stderr and "--force-delete" in refused.stderr
+    assert len(ids(conn, table, column="pmid")) == 10
+    forced = cli("ingest", *base, "--sync", "--force-delete", "--keep-cols", "year", "-q")
+    assert forced.returncode == 0 and "sync: 7 rows deleted (0 chunks) of 10 in scope" in forced.stdout
+    assert ids(conn, table, column="pmid") == {"p0", "p1", "p2"}
