@@ -114,9 +114,10 @@ def stored(conn, table: str, id_col: str, ids: Sequence[str]) -> dict[str, tuple
 def differs(stored_value: tuple | None, source: str | None, meta: dict | None) -> bool:
     """Whether a row's stored (source, metadata) is not what the input says now (compared
     as JSON gives them back, so 1.0 and 1 or a tuple and a list are not a change)."""
-    if stored_value is None:
+    if stored_value is None or stored_value[0] != source:
         return True
-    return stored_value[0] != source or stored_value[1] != json.loads(json.dumps(meta))
+    # Equal as they are in most runs (CSV text); only else compared as JSON gives them back.
+    return stored_value[1] != meta and stored_value[1] != json.loads(json.dumps(meta))
 
 
 @guarded("writing the metadata of {table}")

@@ -18,6 +18,7 @@ from .errors import DataError
 from .identity import Identity
 from .pieces import Done, Pieces
 from .readers import is_blank, repeated_ids
+from .setting_values import column_names
 from .table_names import check_table_name
 from .tokens import Window
 
@@ -40,7 +41,7 @@ class Target:
 
     def __post_init__(self):
         check_table_name(self.table)  # refused before anything is created or paid
-        object.__setattr__(self, "keep_cols", tuple(self.keep_cols))
+        object.__setattr__(self, "keep_cols", column_names(self.keep_cols))  # "a,b" or a list
         clash = [c for c in self.keep_cols if c in (self.id_col, self.text_col)]
         if clash:
             raise DataError(f"KEEP_COLS names {', '.join(clash)}, the id or text column: it is "

@@ -83,9 +83,10 @@ def kept_ids(rows) -> list[str]:
 
 def _load_ids(cur, ids: Sequence[str]) -> None:
     """The input's ids into a temporary table, for one anti-join instead of a list scan."""
-    cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {i} (id text PRIMARY KEY) "
-                        "ON COMMIT DROP").format(i=sql.Identifier(IDS_TABLE)))
-    cur.execute(sql.SQL("INSERT INTO {i} SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING")
+    # No key: the input's ids are unique, and the anti-join hashes them anyway.
+    cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {i} (id text) ON COMMIT DROP")
+                .format(i=sql.Identifier(IDS_TABLE)))
+    cur.execute(sql.SQL("INSERT INTO {i} SELECT unnest(%s::text[])")
                 .format(i=sql.Identifier(IDS_TABLE)), (list(ids),))
     cur.execute(sql.SQL("ANALYZE {i}").format(i=sql.Identifier(IDS_TABLE)))
 
@@ -103,10 +104,13 @@ def _names(conn, target, scope: Scope) -> dict:
 
 
 def _count(cur, names: dict, scope: Scope) -> SyncCount:
+    # A join, not NOT EXISTS: inside FILTER that would be a subquery per row.
+    gone = sql.SQL("{i}.id IS NULL").format(i=names["i"])
     cur.execute(sql.SQL("SELECT count(*) FILTER (WHERE {scope}), "
                         "count(*) FILTER (WHERE {scope} AND {gone}), "
                         "count(*) FILTER (WHERE {src} IS NULL AND NOT {scope} AND {gone}) "
-                        "FROM {t}").format(**names), {"sources": list(scope.sources)})
+                        "FROM {t} LEFT JOIN {i} ON {i}.id = {t}.{id}").format(
+        **{**names, "gone": gone}), {"sources": list(scope.sources)})
     return SyncCount(*cur.fetchone())
 
 

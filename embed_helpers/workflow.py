@@ -12,7 +12,7 @@ import numpy as np
 from . import steps, db, metadata, retrieval, sync, windows
 from .backends import Backend
 from .cache.tools import open_cache
-from .config import Settings
+from .config import Settings, column_names
 from .constants import project_path
 from .errors import ConfigError, DataError
 from .pieces import Pieces, mean_vector
@@ -56,8 +56,8 @@ def load_raw(path, id_col: str | None = None, text_col: str | None = None,
         if limit:
             tables = data.first_patients(tables, limit)
         return RawInput(tables, data.CONTEXT_ID, data.CONTEXT_TEXT, as_of)
-    df, id_col, text_col = data.load_input(folder, id_col, text_col, limit, keep=keep,
-                                           with_source=True)
+    df, id_col, text_col = data.load_input(folder, id_col, text_col, limit,
+                                           keep=column_names(keep), with_source=True)
     return RawInput({"rows": df}, id_col, text_col)
 
 
