@@ -38,6 +38,7 @@ bench: $(STAMP) $(RAY_STAMP)
 	$(PY) bench/servers.py
 	$(PY) bench/scale.py
 	$(PY) bench/long_texts.py
+	$(PY) bench/sync.py
 
 ## Re-execute notebooks/run.ipynb in place from a clean state (a new database and cache, as
 ## nbval has), to commit it with its outputs after changing it.
