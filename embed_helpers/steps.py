@@ -46,6 +46,10 @@ class Target:
         if clash:
             raise DataError(f"KEEP_COLS names {', '.join(clash)}, the id or text column: it is "
                             "stored already; keep only other columns.")
+        ours = {metadata.SOURCE_COLUMN, metadata.METADATA_COLUMN} & {self.id_col, self.text_col}
+        if ours and self.annotated:
+            raise DataError(f"The id or text column is named {', '.join(sorted(ours))}, a column "
+                            "sync and KEEP_COLS add to the table: rename it in the input.")
 
     @property
     def annotated(self) -> bool:

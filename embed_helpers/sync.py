@@ -68,10 +68,10 @@ def scope_for(settings, sources: Iterable[str] | None) -> Scope:
     sources = tuple(sorted(set(s for s in (sources or ()) if s)))
     if not sources:
         raise ConfigError("EMBED_SYNC_SCOPE", "files needs to know which files the input came "
-                                              "from, and this input names none (a DataFrame made "
-                                              "by hand?): set EMBED_SYNC_SCOPE=table if it is "
-                                              "the whole table, or read it with "
-                                              "workflow.load_raw / the CLI.")
+                                              "from, and this input names none (a Synthea folder, "
+                                              "or a DataFrame made by hand): set "
+                                              "EMBED_SYNC_SCOPE=table if it is the whole table, "
+                                              "or read the files with workflow.load_raw / the CLI.")
     return Scope("files", sources)
 
 
