@@ -43,6 +43,7 @@ bench: $(STAMP) $(RAY_STAMP)
 	$(PY) bench/batch_api.py
 	$(PY) bench/pg_source.py
 	$(PY) bench/storage.py
+	$(PY) bench/sync.py
 
 ## Re-execute notebooks/run.ipynb in place from a clean state (a new database and cache, as
 ## nbval has), to commit it with its outputs after changing it.

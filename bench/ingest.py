@@ -32,7 +32,7 @@ from embed_helpers.backends import get_backend
 from embed_helpers.cache.jsonl import EmbeddingCache
 from embed_helpers.steps import Target
 from embed_helpers.identity import Identity
-from embed_helpers.workflow import ingest_per_row
+from embed_helpers.per_row import ingest_per_row
 
 DIM = 768
 FAKE_KEY = {"OPENAI_API_KEY": "bench"}  # the fake server takes any key

@@ -27,8 +27,9 @@ _EXPORTS = {
     "retrieval": ["create_hnsw_index", "search"],
     "sources": ["PostgresSource", "open_source"],
     "streaming": ["ingest_source", "plan_source"],
+    "per_row": ["ingest_per_row", "parity_check"],
     "workflow": ["RawInput", "build_index", "build_rows", "clean_raw", "discover_dimension",
-                 "ingest", "ingest_per_row", "load_raw", "parity_check", "plan_ingest",
+                 "ingest", "load_raw", "plan_ingest",
                  "insert_rows", "run_plan", "semantic_search"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

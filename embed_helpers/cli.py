@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import EmbedHelpersError
+from .errors import ConfigError, EmbedHelpersError
 
 log = logging.getLogger("embed_helpers")
 EXIT_ERROR, EXIT_ROWS_FAILED, EXIT_PENDING, EXIT_INTERRUPTED = 1, 3, 4, 130
@@ -24,7 +24,8 @@ FLAG_SETTINGS = {"backend": "EMBEDDING_BACKEND", "batch_size": "EMBED_BATCH_SIZE
                  "concurrency": "EMBED_MAX_CONCURRENCY", "engine": "EMBED_ENGINE",
                  "ray_address": "RAY_ADDRESS", "workers": "EMBED_WORKERS",
                  "encoding": "EMBED_INPUT_ENCODING", "hosted_mode": "EMBED_HOSTED_MODE",
-                 "batch_wait": "EMBED_BATCH_WAIT", "reembed": "EMBED_REEMBED"}
+                 "batch_wait": "EMBED_BATCH_WAIT", "reembed": "EMBED_REEMBED", "sync": "EMBED_SYNC",
+                 "sync_scope": "EMBED_SYNC_SCOPE", "keep_cols": "EMBED_KEEP_COLS"}
 
 
 def _settings(args):
@@ -49,16 +50,17 @@ def _load(args, settings):
     encoding = settings.EMBED_INPUT_ENCODING
     if args.id_col and args.text_col and not (path / "patients.csv").is_file():
         from .readers import read_columns
-        return read_columns(path, args.id_col, args.text_col, args.limit, encoding), \
-            args.id_col, args.text_col
+        return read_columns(path, args.id_col, args.text_col, args.limit, encoding,
+                            settings.EMBED_KEEP_COLS, with_source=True), args.id_col, args.text_col
     from .data import load_input
     return load_input(path, args.id_col, args.text_col, args.limit, encoding)
 
 
-def _target(args, id_col: str, text_col: str):
+def _target(args, id_col: str, text_col: str, settings):
     from .steps import Target
     default = "patient_embeddings" if id_col == "patient_id" else "embeddings"
-    return Target(default if args.table is None else args.table, id_col, text_col)
+    return Target(default if args.table is None else args.table, id_col, text_col,
+                  keep_cols=settings.EMBED_KEEP_COLS)
 
 
 def _prepare(args):
@@ -69,7 +71,10 @@ def _prepare(args):
 
     settings = _settings(args)
     df, id_col, text_col = _load(args, settings)
-    target = _target(args, id_col, text_col)
+    target = _target(args, id_col, text_col, settings)
+    if settings.EMBED_SYNC and args.limit:
+        raise ConfigError("--sync", "with --limit the input is only part of the source, and "
+                                    "sync would delete the rest: drop one of them.")
     conn = db.connect(settings)
     backend = get_backend(settings)
     cache = open_cache(settings)
@@ -89,7 +94,7 @@ def cmd_ingest(args) -> int:
     settings, df, target, conn, backend, cache = _prepare(args)
     run = ingest_source if isinstance(df, PostgresSource) else ingest  # a source: by windows
     report = run(df, target, settings=settings, conn=conn, backend=backend, cache=cache,
-                 progress=not args.quiet)
+                 progress=not args.quiet, scope=_scope(args), force_delete=args.force_delete)
     report.close_bill(backend)
     if report.batch.get("pending"):  # --no-wait: the jobs are out, nothing written yet
         print("\n".join(report.batch["lines_in_words"]))
@@ -124,8 +129,15 @@ def cmd_plan(args) -> int:
     settings, df, target, conn, backend, cache = _prepare(args)
     plan = plan_source if isinstance(df, PostgresSource) else plan_ingest  # windows added up
     print(plan(df, target, settings=settings, conn=conn, backend=backend, cache=cache,
-               probe=not args.no_probe))
+               probe=not args.no_probe, scope=_scope(args), force_delete=args.force_delete))
     return 0
+
+
+def _scope(args) -> list[str]:
+    """The files sync may delete rows of: those this run reads (`readers.source_labels`)."""
+    from .readers import source_labels
+    path = _data_path(args)
+    return [] if (path / "patients.csv").is_file() else source_labels(path)
 
 
 def cmd_run(args) -> int:
@@ -160,6 +172,12 @@ def _add_run_flags(p, name: str) -> None:
                    help="EMBED_HOSTED_MODE=batch: OpenAI's Batch API, half the price, within 24 h")
     p.add_argument("--reembed", action="store_true", default=None,
                    help="EMBED_REEMBED: replace every vector of a table made by another model")
+    p.add_argument("--keep-cols", help="EMBED_KEEP_COLS: columns stored beside the vector")
+    p.add_argument("--sync", action="store_const", const="1",
+                   help="EMBED_SYNC: delete the rows whose ids left the input (in scope)")
+    p.add_argument("--sync-scope", choices=("files", "table"), help="EMBED_SYNC_SCOPE")
+    p.add_argument("--force-delete", action="store_true",
+                   help="let sync delete more than EMBED_SYNC_MAX_DELETE of the rows in scope")
     if name == "ingest":
         p.add_argument("--no-wait", dest="batch_wait", action="store_const", const="0",
                        help="with --batch-api: submit the jobs and stop; rerun to collect")

@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .printing import Secret, mask, mask_url, relative  # noqa: F401  (settings API)
 from .setting_values import (boolean, codec, dsn, number, one_of, optional, path_value, secret,  # noqa: F401
                              text, url_list, urls, whole_number)
+from .setting_values import column_names, share
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,10 @@ class Settings:
     UPSERT: bool = True
     EMBED_INDEX: str = "auto"
     EMBED_REEMBED: bool = False
+    EMBED_SYNC: bool = False
+    EMBED_SYNC_MAX_DELETE: float = 0.5
+    EMBED_SYNC_SCOPE: str = "files"
+    EMBED_KEEP_COLS: tuple[str, ...] = ()
     EMBED_RUNS_DIR: Path = DEFAULT_RUNS_DIR
     EMBED_INPUT_ENCODING: str = "utf-8"
     EMBED_SOURCE_WINDOW: int = SOURCE_WINDOW_ROWS
@@ -127,6 +132,10 @@ SPEC: dict[str, tuple[Callable[[Any], Any], str]] = {
     "UPSERT": (boolean, "update rows whose id exists (ON CONFLICT DO UPDATE); off = keep them"),
     "EMBED_INDEX": (one_of("auto", "always", "never"), "HNSW index after the load: auto (from 20,000 rows), always, never"),
     "EMBED_REEMBED": (boolean, "replace every vector of a table made by another model (--reembed): built beside it, swapped in when complete"),
+    "EMBED_SYNC": (boolean, "after the run, delete the rows (and chunks) whose ids left the input, within EMBED_SYNC_SCOPE"),
+    "EMBED_SYNC_MAX_DELETE": (share, "sync refuses to delete more than this fraction of the rows in scope, unless --force-delete"),
+    "EMBED_SYNC_SCOPE": (one_of("files", "table"), "what sync may delete: files (rows from the files this run read) or table (the input is the whole table)"),
+    "EMBED_KEEP_COLS": (column_names, "input columns stored beside the vector (metadata jsonb), comma-separated; the notebook's KEEP_COLS"),
     "EMBED_RUNS_DIR": (path_value, "where failure lists and reports go; relative paths are from the project root"),
     "EMBED_INPUT_ENCODING": (codec, "text encoding of input CSV files (a UTF-8 BOM is always dropped); e.g. cp1252 for Excel's plain CSV"),
     "EMBED_SOURCE_WINDOW": (whole_number(1), "rows of a PostgreSQL source (--data postgresql://...) read, planned and run at a time"),
@@ -162,6 +171,8 @@ def display(settings: Settings, name: str) -> str:
         return mask(value)
     if isinstance(value, Path):
         return relative(value)
+    if isinstance(value, tuple):  # EMBED_KEEP_COLS, as it is written
+        return ",".join(value)
     if name in ("OLLAMA_HOST", "OPENAI_BASE_URL"):
         return ",".join(mask_url(u) for u in urls(value))
     return str(value)

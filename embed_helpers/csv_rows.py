@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from .constants import INPUT_ERRORS_SHOWN, PREVIEW_CHARS, READ_BLOCK_ROWS
 from .errors import DataError
@@ -32,15 +32,26 @@ def iter_csv_columns(path: Path | str, id_col: str, text_col: str, block: int = 
     Raises DataError at the first row that does not have the header's number of fields,
     and, once the file (or `limit`) is read, when some ids are empty (their lines listed).
     """
+    for ids, texts, first, _kept in iter_csv_blocks(path, id_col, text_col, block, limit, encoding):
+        yield ids, texts, first
+
+
+def iter_csv_blocks(path: Path | str, id_col: str, text_col: str, block: int = READ_BLOCK_ROWS,
+                    limit: int | None = None, encoding: str = "utf-8",
+                    keep: Sequence[str] = ()) -> Iterator[tuple[list, list, int, dict]]:
+    """`iter_csv_columns` plus the `keep` columns of each block ({column: values}; an empty
+    field is None: a CSV cannot tell an empty text from a missing value)."""
     path = Path(path)
     csv.field_size_limit(sys.maxsize)  # abstracts can exceed csv's 128 KB default
     line = 0
     try:
         with open(path, newline="", encoding=_python_codec(encoding)) as fh:
             reader = csv.reader(fh, strict=True)
-            header = _header(path, next(reader, []), id_col, text_col)
+            header = _header(path, next(reader, []), id_col, text_col, keep)
             i, j = header.index(id_col), header.index(text_col)
+            extra = {c: header.index(c) for c in keep}
             ids, texts, seen, first, no_id = [], [], 0, 0, []
+            kept: dict[str, list] = {c: [] for c in keep}
             line = reader.line_num
             for row in reader:
                 if limit is not None and seen >= limit:
@@ -55,14 +66,16 @@ def iter_csv_columns(path: Path | str, id_col: str, text_col: str, block: int = 
                     no_id.append(start)
                 ids.append(row_id)
                 texts.append(row[j])
+                for column, at in extra.items():
+                    kept[column].append(row[at] or None)
                 seen += 1
                 if len(ids) >= block:
-                    yield ids, texts, first
-                    first, ids, texts = seen, [], []
+                    yield ids, texts, first, kept
+                    first, ids, texts, kept = seen, [], [], {c: [] for c in keep}
             if no_id:
                 raise _empty_ids(path, no_id, id_col)
             if ids:
-                yield ids, texts, first
+                yield ids, texts, first, kept
     except UnicodeDecodeError as exc:
         raise _undecodable(path, encoding, exc) from None
     except csv.Error as exc:
@@ -75,7 +88,8 @@ def _python_codec(encoding: str) -> str:
     return "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
 
 
-def _header(path: Path, header: list[str], id_col: str, text_col: str) -> list[str]:
+def _header(path: Path, header: list[str], id_col: str, text_col: str,
+            keep: Sequence[str] = ()) -> list[str]:
     if header and header[0].startswith(BOM):  # a BOM in another encoding's clothes
         header[0] = header[0][1:]
     absent = [c for c in (id_col, text_col) if c not in header]
@@ -83,6 +97,11 @@ def _header(path: Path, header: list[str], id_col: str, text_col: str) -> list[s
         raise DataError(f"{path.name} has no column {', '.join(map(repr, absent))}; its "
                         f"columns are: {', '.join(header)}. Set ID_COL and TEXT_COL (--id-col, "
                         "--text-col) to two of them.")
+    absent = [c for c in keep if c not in header]
+    if absent:
+        raise DataError(f"{path.name} has no column {', '.join(map(repr, absent))} to keep; its "
+                        f"columns are: {', '.join(header)}. Set KEEP_COLS (--keep-cols) to some "
+                        "of them.")
     return header
 
 

@@ -29,7 +29,7 @@ def _header(path: Path) -> list[str]:
 
 
 def load_table(path: str | Path, id_col: str, text_col: str, limit: int | None = None,
-               encoding: str | None = None) -> pd.DataFrame:
+               encoding: str | None = None, keep=(), with_source: bool = False) -> pd.DataFrame:
     """Step 3 for a CSV or Parquet file or a folder of them: read only the id and text
     columns, ids as strings (`readers.read_columns`, the reader of both engines).
 
@@ -38,6 +38,8 @@ def load_table(path: str | Path, id_col: str, text_col: str, limit: int | None =
     shifted by an unquoted comma, an empty id) stops the load with its file line.
 
     `encoding`: the files' text encoding; None = EMBED_INPUT_ENCODING (environment, .env).
+    `keep`: more columns to read (KEEP_COLS); `with_source`: each row's file name too, and
+    the files read in `df.attrs` (what sync's scope is, `sync.py`).
 
     Returns:
         DataFrame with columns [id_col, text_col], first `limit` rows when given.
@@ -49,16 +51,19 @@ def load_table(path: str | Path, id_col: str, text_col: str, limit: int | None =
     p = project_path(path)
     if not p.exists():
         raise missing_file(p, "CSV file")
-    from .readers import read_columns
-    df = pd.DataFrame(read_columns(p, id_col, text_col, limit, encoding),
-                      columns=[id_col, text_col], dtype=object)
+    from .readers import SOURCE_KEY, read_columns, source_labels
+    columns = [id_col, text_col, *keep] + ([SOURCE_KEY] if with_source else [])
+    df = pd.DataFrame(read_columns(p, id_col, text_col, limit, encoding, keep, with_source),
+                      columns=columns, dtype=object)
+    if with_source:
+        df.attrs.update(sources=source_labels(p), partial=limit is not None)
     logger.info("loaded %d rows from %s", len(df), p)
     return df
 
 
 def load_input(path: str | Path, id_col: str | None = None, text_col: str | None = None,
-               limit: int | None = None,
-               encoding: str | None = None) -> tuple[pd.DataFrame, str, str]:
+               limit: int | None = None, encoding: str | None = None, keep=(),
+               with_source: bool = False) -> tuple[pd.DataFrame, str, str]:
     """Steps 3-5 for DATA_PATH: a Synthea folder gives patient contexts; a CSV or Parquet
     file, or a folder of them, its rows.
 
@@ -86,7 +91,7 @@ def load_input(path: str | Path, id_col: str | None = None, text_col: str | None
         columns = f": {', '.join(_header(p))}" if p.is_file() and p.suffix != ".parquet" else ""
         raise DataError(f"{p.name} is not a Synthea folder (no patients.csv): set ID_COL and "
                         f"TEXT_COL (--id-col, --text-col) to two of its columns{columns}")
-    return load_table(p, id_col, text_col, limit, encoding), id_col, text_col
+    return load_table(p, id_col, text_col, limit, encoding, keep, with_source), id_col, text_col
 
 
 def is_synthea(path: Path) -> bool:

@@ -48,7 +48,7 @@ class TableSink:
             self.claimed = True
         assume_new = not any(pieces.ids[r] in self.plan.stored_ids for r in done.rows)
         steps.write(self.conn, target, pieces, done, upsert=self.settings.UPSERT,
-                   assume_new=assume_new)
+                   assume_new=assume_new, annotations=self.plan.annotations)
         self.report.rows_written += len(done.rows)
         self.report.chunks_written += len(done.chunks)
         self.report.timeline.append([round(self.sequence.now(), 3), self.report.rows_written])

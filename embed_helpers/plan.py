@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 
-from . import steps, storage
+from . import metadata, steps, storage, sync
 from .identity import Identity
 from .pieces import Pieces
 from .provenance import Provenance
@@ -48,6 +49,16 @@ class Plan:
     batch_rows: list = field(default_factory=list)   # EMBED_HOSTED_MODE=batch (`batch_api`)
     provenance: Provenance | None = None   # what makes the vectors, recorded on the table
     reembed: object = None        # a `reembed.Reembed` when the plan fills a shadow table
+    meta_changed: list[int] = field(default_factory=list)  # rows stored unchanged but their
+    #   source or metadata: updated, nothing embedded
+    sync_scope: "sync.Scope | None" = None    # EMBED_SYNC: what the sync may delete
+    sync_count: "sync.SyncCount | None" = None
+    force_delete: bool = False
+
+    @cached_property
+    def annotations(self) -> dict[str, tuple]:
+        """id -> (source, metadata) of the rows, for the writes (`steps.write`)."""
+        return self.rows.annotations()
 
     def batches(self) -> list[list[str]]:
         """The requests the run will send (before any split the server asks for)."""
@@ -90,6 +101,9 @@ class Plan:
             *([("ids repeated", ", ".join(self.rows.repeated))] if self.rows.repeated else []),
             ("rows already stored unchanged", self.rows_unchanged),
             ("rows to write", len(self.todo)),
+            *([("rows whose metadata changed (updated, nothing embedded)", len(self.meta_changed))]
+              if self.target.annotated else []),
+            *(sync.plan_lines(self.sync_count, self.sync_scope) if self.sync_count else []),
             *self.pieces.long.as_rows(),
             ("texts to send (chunks counted, duplicates once)", len(self.pieces.texts)),
             ("cache", self.cache_name or "none"),
@@ -122,11 +136,13 @@ def make_plan(rows: Rows, target: Target, *, conn, backend, cache, settings,
     storage.check_table(conn, target.table, settings.EMBED_STORAGE)  # before anything is paid
     policy = settings.EMBED_LONG_TEXTS
     todo, unchanged, stored_ids = steps.drop_unchanged(conn, target, rows, window, policy)
+    meta_changed = metadata_changes(conn, target, rows, todo) if target.annotated else []
     work = rows.take(todo)
     pieces = Pieces(work.ids, work.texts, window, policy, settings.EMBED_CHUNK_OVERLAP)
     identity = backend.identity(dim)
     cached = steps.in_cache(cache, identity, pieces.texts)
-    plan = Plan(target=target, rows=rows, todo=todo, rows_unchanged=unchanged,
+    plan = Plan(target=target, rows=rows, todo=todo, rows_unchanged=unchanged - len(meta_changed),
+                meta_changed=meta_changed,
                 stored_ids=stored_ids, pieces=pieces, identity=identity,
                 dim_source=dim_source, window=window,
                 batch_size=batch_size(settings, backend),
@@ -140,3 +156,14 @@ def make_plan(rows: Rows, target: Target, *, conn, backend, cache, settings,
     if dim is None:
         plan.notes.append("the dimension is learned from the first batch (no probe request)")
     return plan
+
+
+def metadata_changes(conn, target: Target, rows: Rows, todo: list[int]) -> list[int]:
+    """Positions of the rows stored with the same text whose source or metadata differ: a
+    change to metadata alone rewrites the row without embedding anything."""
+    writing = set(todo)
+    same = [i for i in range(len(rows.ids)) if i not in writing]
+    found = metadata.stored(conn, target.table, target.id_col, [rows.ids[i] for i in same])
+    notes = rows.annotations()
+    return [i for i in same if metadata.differs(found.get(rows.ids[i]),
+                                                      *notes.get(rows.ids[i], (None, None)))]

@@ -9,13 +9,15 @@ from __future__ import annotations
 import unicodedata
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from .constants import INPUT_ERRORS_SHOWN, READ_BLOCK_ROWS
-from .csv_rows import iter_csv_columns
+from .csv_rows import iter_csv_blocks
 from .errors import DataError
 
 SUFFIXES = (".csv", ".parquet")
+#: The column of `read_columns(..., with_source=True)` naming the file each row came from.
+SOURCE_KEY = "__source__"
 
 
 def is_blank(text) -> bool:
@@ -65,29 +67,45 @@ def iter_file_columns(path: Path | str, id_col: str, text_col: str, block: int =
                       limit: int | None = None,
                       encoding: str = "utf-8") -> Iterator[tuple[list, list, int]]:
     """(ids, texts, number of the block's first row) of one CSV or Parquet file."""
+    for ids, texts, first, _kept in iter_file_blocks(path, id_col, text_col, block, limit,
+                                                     encoding):
+        yield ids, texts, first
+
+
+def iter_file_blocks(path: Path | str, id_col: str, text_col: str, block: int = READ_BLOCK_ROWS,
+                     limit: int | None = None, encoding: str = "utf-8",
+                     keep: Sequence[str] = ()) -> Iterator[tuple[list, list, int, dict]]:
+    """`iter_file_columns` plus the `keep` columns ({column: values}) of each block."""
     if str(path).lower().endswith(".parquet"):
-        yield from _iter_parquet(Path(path), id_col, text_col, block, limit)
+        yield from _iter_parquet(Path(path), id_col, text_col, block, limit, keep)
     else:
-        yield from iter_csv_columns(path, id_col, text_col, block, limit, encoding)
+        yield from iter_csv_blocks(path, id_col, text_col, block, limit, encoding, keep)
 
 
-def _iter_parquet(path: Path, id_col: str, text_col: str, block: int, limit: int | None):
+def _iter_parquet(path: Path, id_col: str, text_col: str, block: int, limit: int | None,
+                  keep: Sequence[str] = ()):
     import pyarrow.parquet as pq
     parquet = pq.ParquetFile(path)
-    absent = [c for c in (id_col, text_col) if c not in parquet.schema_arrow.names]
+    names = parquet.schema_arrow.names
+    absent = [c for c in (id_col, text_col) if c not in names]
     if absent:
         raise DataError(f"{path.name} has no column {', '.join(map(repr, absent))}; its columns "
-                        f"are: {', '.join(parquet.schema_arrow.names)}. Set ID_COL and TEXT_COL "
+                        f"are: {', '.join(names)}. Set ID_COL and TEXT_COL "
                         "(--id-col, --text-col) to two of them.")
+    if [c for c in keep if c not in names]:
+        raise DataError(f"{path.name} has no column {', '.join(repr(c) for c in keep if c not in names)}"
+                        f" to keep; its columns are: {', '.join(names)}. Set KEEP_COLS "
+                        "(--keep-cols) to some of them.")
     first, no_id = 0, []
-    for chunk in parquet.iter_batches(block, columns=[id_col, text_col]):
+    for chunk in parquet.iter_batches(block, columns=list(dict.fromkeys([id_col, text_col, *keep]))):
         ids = [None if v is None else str(v).strip() for v in chunk.column(id_col).to_pylist()]
         texts = chunk.column(text_col).to_pylist()
-        if limit is not None:
-            ids, texts = ids[:max(limit - first, 0)], texts[:max(limit - first, 0)]
+        end = len(ids) if limit is None else max(limit - first, 0)
+        ids, texts = ids[:end], texts[:end]
+        kept = {c: chunk.column(c).to_pylist()[:end] for c in keep}
         no_id += [first + n + 1 for n, v in enumerate(ids) if not v]
         if ids and not no_id:
-            yield ids, texts, first
+            yield ids, texts, first, kept
         first += len(ids)
         if limit is not None and first >= limit:
             break
@@ -97,30 +115,45 @@ def _iter_parquet(path: Path, id_col: str, text_col: str, block: int, limit: int
                         "Every row needs an id: fill them in, or choose another ID_COL.")
 
 
-def _blocks(path: Path, id_col: str, text_col: str, limit: int | None, encoding: str):
-    """Every block of every file, up to `limit` rows in all; then the all-empty check."""
+def _blocks(path: Path, id_col: str, text_col: str, limit: int | None, encoding: str,
+            keep: Sequence[str] = ()):
+    """Every block of every file (with the file's name), up to `limit` rows in all; then the
+    all-empty check."""
     check_limit(limit)
     rows = filled = 0
     for file in input_files(path):
         left = None if limit is None else limit - rows
         if left is not None and left <= 0:
             break
-        for ids, texts, _first in iter_file_columns(file, id_col, text_col, limit=left,
-                                                    encoding=encoding):
+        for ids, texts, _first, kept in iter_file_blocks(file, id_col, text_col, limit=left,
+                                                         encoding=encoding, keep=keep):
             rows += len(ids)
             filled += sum(1 for t in texts if t is not None and not is_blank(t))
-            yield ids, texts
+            yield ids, texts, kept, file.name
     if rows and not filled:
         raise DataError(f"{path}: all {rows} rows have an empty text in {text_col!r}: nothing to "
                         "embed. Is TEXT_COL (--text-col) the column that holds the texts?")
 
 
+def source_labels(path: Path | str) -> list[str]:
+    """The names sync knows the input's files by (`sync.py`): each file's name, so that a run
+    over one file of a folder and a run over the folder agree."""
+    return [file.name for file in input_files(Path(path))]
+
+
 def read_columns(path: Path | str, id_col: str, text_col: str, limit: int | None = None,
-                 encoding: str = "utf-8") -> dict[str, list]:
+                 encoding: str = "utf-8", keep: Sequence[str] = (),
+                 with_source: bool = False) -> dict[str, list]:
     """{id_col: [...], text_col: [...]}: the first `limit` rows (all when None) of a CSV or
-    Parquet file or a folder of them."""
-    ids, texts = [], []
-    for block_ids, block_texts in _blocks(Path(path), id_col, text_col, limit, encoding):
-        ids += block_ids
-        texts += block_texts
-    return {id_col: ids, text_col: texts}
+    Parquet file or a folder of them; plus the `keep` columns (KEEP_COLS), and with
+    `with_source` the name of the file each row came from (under SOURCE_KEY)."""
+    columns: dict[str, list] = {id_col: [], text_col: [], **{c: [] for c in keep}}
+    sources: list[str] = []
+    for block_ids, block_texts, kept, name in _blocks(Path(path), id_col, text_col, limit,
+                                                      encoding, keep):
+        columns[id_col] += block_ids
+        columns[text_col] += block_texts
+        for column, values in kept.items():
+            columns[column] += values
+        sources += [name] * len(block_ids)
+    return {**columns, SOURCE_KEY: sources} if with_source else columns

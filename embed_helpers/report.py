@@ -88,6 +88,7 @@ class RunReport:
     workers: dict = field(default_factory=dict)
     ray_startup_s: float | None = None
     batch: dict = field(default_factory=dict)  # EMBED_HOSTED_MODE=batch: `batch_api.mode.summary`
+    sync: dict = field(default_factory=dict)  # metadata updated, rows deleted: `sync.after_run`
     #: one entry per written batch: [seconds since start, cumulative rows]
     timeline: list[list[float]] = field(default_factory=list)
     #: the sequence's own counts and spans, summed over blocks (not saved)
@@ -227,7 +228,7 @@ class RunReport:
             lines.append(f"ids with empty text (not sent): {shown}")
         if self.failures_path:
             lines.append(f"failures listed in {relative(self.failures_path)}")
-        lines += self.bill_lines + self.batch.get("lines_in_words", [])
+        lines += self.sync.get("lines", []) + self.bill_lines + self.batch.get("lines_in_words", [])
         if timings and self.engine == "ray":
             lines.append(f"wall {self.wall_s:.2f} s, {self.rows_per_s:,.0f} rows/s (Ray start-up "
                          f"{self.ray_startup_s} s)")

@@ -13,6 +13,8 @@ from psycopg2 import sql
 from .constants import INDEX_AUTO_MIN_ROWS, INDEX_MAINTENANCE_WORK_MEM, SEARCH_OVERFETCH
 from .db import table_dimension
 from .db_guard import guarded
+from .errors import DataError
+from .metadata import has_columns, where_sql
 from .storage import column_storage, index_parts, query_cast, searched
 from .table_names import regclass_text, table_ident, unqualified
 
@@ -70,19 +72,21 @@ def index_decision(conn, table: str, policy: str) -> tuple[bool, str]:
 
 @guarded("searching {table}")
 def search(conn, table: str, id_col: str, text_col: str, query_vector: np.ndarray,
-           k: int = 5) -> list[tuple[str, float, str]]:
+           k: int = 5, where: dict | None = None) -> list[tuple[str, float, str]]:
     """The k nearest rows by cosine similarity: (id, similarity, text of the best match).
 
     For a row split into chunks, the best chunk decides, and the text shown is that
-    chunk's span of the row (first 400 characters).
+    chunk's span of the row (first 400 characters). `where` keeps only rows whose kept
+    columns match (`metadata.where_sql`).
     """
     return [(h[0], h[1], h[2]) for h in search_spans(conn, table, id_col, text_col,
-                                                     query_vector, k)]
+                                                     query_vector, k, where)]
 
 
 @guarded("searching {table}")
 def search_spans(conn, table: str, id_col: str, text_col: str, query_vector: np.ndarray,
-                 k: int = 5) -> list[tuple[str, float, str, tuple[int, int] | None]]:
+                 k: int = 5, where: dict | None = None
+                 ) -> list[tuple[str, float, str, tuple[int, int] | None]]:
     """Like `search`, plus the character span that matched (None: the whole row)."""
     dim = len(query_vector)
     chunks = f"{table}_chunks"
@@ -90,14 +94,21 @@ def search_spans(conn, table: str, id_col: str, text_col: str, query_vector: np.
     names = dict(id=sql.Identifier(id_col), text=sql.Identifier(text_col),
                  t=table_ident(table), c=table_ident(chunks), e=searched(storage, dim),
                  q=query_cast(storage, dim), n=sql.Literal(k * SEARCH_OVERFETCH), k=sql.Literal(k))
+    names["w"], params = _filter(conn, table, where)
+    names["wc"] = sql.SQL("") if not where else sql.SQL(
+        "WHERE EXISTS (SELECT 1 FROM {t} f WHERE f.{id} = {c}.{id}{w})").format(
+        t=names["t"], id=names["id"], c=names["c"], w=_filter(conn, table, where, "f")[0])
     if table_dimension(conn, chunks) is None:
-        query = sql.SQL("SELECT {id}, 1 - ({e} <=> {q}), left({text}, 400), NULL, NULL FROM {t} "
-                        "WHERE embedding IS NOT NULL ORDER BY {e} <=> {q} LIMIT {k}")
+        # Materialized, then ordered: relaxed_order may return rows slightly out of order.
+        query = sql.SQL("WITH hits AS MATERIALIZED (SELECT {id}, {e} <=> {q} AS d, "
+                        "left({text}, 400) AS txt FROM {t} WHERE embedding IS NOT NULL{w} "
+                        "ORDER BY {e} <=> {q} LIMIT {k}) "
+                        "SELECT {id}, 1 - d, txt, NULL, NULL FROM hits ORDER BY d")
     else:
         query = sql.SQL(
-            "WITH r AS (SELECT {id} AS id, {e} <=> {q} AS d FROM {t} WHERE embedding IS NOT NULL "
+            "WITH r AS (SELECT {id} AS id, {e} <=> {q} AS d FROM {t} WHERE embedding IS NOT NULL{w} "
             "           ORDER BY {e} <=> {q} LIMIT {n}), "
-            "c AS (SELECT {id} AS id, char_start, char_end, {e} <=> {q} AS d FROM {c} "
+            "c AS (SELECT {id} AS id, char_start, char_end, {e} <=> {q} AS d FROM {c} {wc} "
             "      ORDER BY {e} <=> {q} LIMIT {n}), "
             "hits AS (SELECT id, NULL::int AS s, NULL::int AS e, d FROM r "
             "         WHERE NOT EXISTS (SELECT 1 FROM {c} WHERE {c}.{id} = r.id) "
@@ -108,8 +119,28 @@ def search_spans(conn, table: str, id_col: str, text_col: str, query_vector: np.
             "FROM best b JOIN {t} t ON t.{id} = b.id ORDER BY b.d LIMIT {k}")
     vec = np.asarray(query_vector, dtype=np.float32)
     with conn.cursor() as cur:
-        cur.execute(query.format(**names), {"q": vec})
+        if where and _iterative_scans(cur):  # a selective filter still returns k rows
+            cur.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+        cur.execute(query.format(**names), {"q": vec, **params})
         rows = [(r[0], round(float(r[1]), 4), r[2], None if r[3] is None else (r[3], r[4]))
                 for r in cur.fetchall()]
     conn.rollback()
     return rows
+
+
+def _filter(conn, table: str, where: dict | None, alias: str = "") -> tuple[sql.Composable, dict]:
+    """The search's filter on kept columns; refused, saying why, on a table that has none."""
+    if not where:
+        return sql.SQL(""), {}
+    if not has_columns(conn, table):
+        raise DataError(f"{table} stores no metadata, so `where` cannot filter it: ingest with "
+                        "KEEP_COLS (--keep-cols) naming the columns to filter on.")
+    return where_sql(where, alias)
+
+
+def _iterative_scans(cur) -> bool:
+    """pgvector 0.8 continues an HNSW scan until enough rows pass the filter (iterative
+    index scans); before 0.8 the setting does not exist and a scan stops at ef_search."""
+    cur.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+    row = cur.fetchone()
+    return row is not None and tuple(int(p) for p in row[0].split(".")[:2]) >= (0, 8)

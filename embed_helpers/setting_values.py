@@ -125,3 +125,26 @@ def connection(value: Any) -> Secret:
 
 
 dsn = optional(connection)
+
+
+def share(value: Any) -> float:
+    """A fraction from 0 to 1 (EMBED_SYNC_MAX_DELETE).
+
+    >>> share("0.5"), share(1)
+    (0.5, 1.0)
+    """
+    fraction = number(0)(value)
+    if fraction > 1:
+        raise ValueError(f"expected a fraction from 0 to 1 (0.5 = half), got {value!r}")
+    return fraction
+
+
+def column_names(value: Any) -> tuple[str, ...]:
+    """Column names separated by commas (KEEP_COLS); spaces around each are dropped.
+
+    >>> column_names("title, year,journal"), column_names("")
+    (('title', 'year', 'journal'), ())
+    """
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v).strip() for v in value if str(v).strip())
+    return tuple(name.strip() for name in str(value).split(",") if name.strip())

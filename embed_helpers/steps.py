@@ -13,11 +13,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from . import db, dimensions
+from . import db, dimensions, metadata
 from .errors import DataError
 from .identity import Identity
 from .pieces import Done, Pieces
 from .readers import is_blank, repeated_ids
+from .setting_values import column_names
 from .table_names import check_table_name
 from .tokens import Window
 
@@ -29,14 +30,31 @@ NUL_REASON = "text contains a NUL byte, which PostgreSQL cannot store: clean the
 @dataclass(frozen=True)
 class Target:
     """Where rows go: a table and its id and text columns; long rows' chunks go to
-    `<table>_chunks`."""
+    `<table>_chunks`. `keep_cols` (KEEP_COLS) are stored beside the vector in `metadata`;
+    with them, or with `record_source` (EMBED_SYNC turns it on), each row's source file too."""
 
     table: str
     id_col: str
     text_col: str
+    keep_cols: tuple[str, ...] = ()
+    record_source: bool = False
 
     def __post_init__(self):
         check_table_name(self.table)  # refused before anything is created or paid
+        object.__setattr__(self, "keep_cols", column_names(self.keep_cols))  # "a,b" or a list
+        clash = [c for c in self.keep_cols if c in (self.id_col, self.text_col)]
+        if clash:
+            raise DataError(f"KEEP_COLS names {', '.join(clash)}, the id or text column: it is "
+                            "stored already; keep only other columns.")
+        ours = {metadata.SOURCE_COLUMN, metadata.METADATA_COLUMN} & {self.id_col, self.text_col}
+        if ours and self.annotated:
+            raise DataError(f"The id or text column is named {', '.join(sorted(ours))}, a column "
+                            "sync and KEEP_COLS add to the table: rename it in the input.")
+
+    @property
+    def annotated(self) -> bool:
+        """Whether rows carry a source and metadata (`metadata.py`)."""
+        return bool(self.keep_cols) or self.record_source
 
     @property
     def chunks_table(self) -> str:
@@ -54,11 +72,21 @@ class Rows:
     duplicate_ids: int = 0
     invalid: list[tuple[str, str]] = field(default_factory=list)   # (id, reason)
     repeated: list[str] = field(default_factory=list)  # a few of the ids that repeat
+    sources: list = field(default_factory=list)   # the file of each row, when recorded
+    meta: list = field(default_factory=list)      # {kept column: value} of each row
 
     def take(self, positions: Sequence[int]) -> "Rows":
-        return Rows([self.ids[i] for i in positions], [self.texts[i] for i in positions],
-                    self.rows_read, self.empty_ids, self.duplicate_ids, self.invalid,
-                    self.repeated)
+        pick = (lambda values: [values[i] for i in positions] if values else [])
+        return Rows(pick(self.ids), pick(self.texts), self.rows_read, self.empty_ids,
+                    self.duplicate_ids, self.invalid, self.repeated, pick(self.sources),
+                    pick(self.meta))
+
+    def annotations(self) -> dict[str, tuple]:
+        """id -> (source, metadata) of every row, for the writes; {} when none are kept."""
+        if not self.sources and not self.meta:
+            return {}
+        sources, meta = self.sources or [None] * len(self.ids), self.meta or [None] * len(self.ids)
+        return dict(zip(self.ids, zip(sources, meta)))
 
 
 def is_missing(value) -> bool:
@@ -66,7 +94,8 @@ def is_missing(value) -> bool:
     return value is None or value != value or is_blank(value)
 
 
-def prepare(ids: Sequence, texts: Sequence, *, id_col: str = "id") -> Rows:
+def prepare(ids: Sequence, texts: Sequence, *, id_col: str = "id", sources: Sequence = (),
+            meta: Sequence = ()) -> Rows:
     """Drop empty texts (listing their ids), resolve repeated ids (last wins), and set
     aside texts PostgreSQL cannot store.
 
@@ -81,14 +110,15 @@ def prepare(ids: Sequence, texts: Sequence, *, id_col: str = "id") -> Rows:
         raise DataError(f"{len(no_id)} row(s) have no id in {id_col!r} (rows {shown}). Every row "
                         "needs an id: fix the input or choose another ID_COL.")
     last: dict[str, str] = {}   # id -> text; re-inserting moves a repeated id to its last place
+    origin: dict[str, int] = {}  # id -> the input row its text came from (its source, metadata)
     empty_ids, kept = [], 0
-    for row_id, text in zip(map(str, ids), texts):
+    for n, (row_id, text) in enumerate(zip(map(str, ids), texts)):
         if is_missing(text):
             empty_ids.append(row_id)
             continue
         kept += 1
         last.pop(row_id, None)
-        last[row_id] = str(text)
+        last[row_id], origin[row_id] = str(text), n
     if empty_ids:
         log.warning("%d rows with empty text are not sent (ids: %s%s)", len(empty_ids),
                     ", ".join(empty_ids[:5]), " ..." if len(empty_ids) > 5 else "")
@@ -99,8 +129,9 @@ def prepare(ids: Sequence, texts: Sequence, *, id_col: str = "id") -> Rows:
     invalid = [(i, NUL_REASON) for i, t in last.items() if "\x00" in t]
     for row_id, _ in invalid:
         del last[row_id]
+    pick = (lambda values: [values[origin[i]] for i in last] if len(values) else [])
     return Rows(list(last), list(last.values()), len(ids), empty_ids, kept - len(last) - len(invalid),
-                invalid, repeated)
+                invalid, repeated, pick(list(sources)), pick(list(meta)))
 
 
 def text_md5(text: str) -> str:
@@ -162,12 +193,20 @@ def in_cache(cache, identity: Identity, texts: Sequence[str]) -> set[str]:
 
 
 def write(conn, target: Target, pieces: Pieces, done: Done, *, upsert: bool,
-          assume_new: bool) -> int:
-    """Write completed rows (and the chunks of long ones) in one transaction."""
+          assume_new: bool, annotations: dict | None = None) -> int:
+    """Write completed rows (and the chunks of long ones) in one transaction; then, for an
+    annotated target, their source and metadata (`annotations`: id -> (source, metadata)),
+    keyed by id: a run stopped between the two leaves rows the next run sees as changed in
+    metadata only, and updates without embedding."""
     if not done.rows:
         return 0
     row_ids = [pieces.ids[r] for r in done.rows]
     chunks = [(pieces.ids[r], k, start, end, vector) for r, k, start, end, vector in done.chunks]
-    return db.write_rows(conn, target.table, target.id_col, target.text_col, row_ids,
-                         [pieces.row_texts[r] for r in done.rows], done.vectors, upsert=upsert,
-                         assume_new=assume_new, chunks=chunks, chunks_table=target.chunks_table)
+    written = db.write_rows(conn, target.table, target.id_col, target.text_col, row_ids,
+                            [pieces.row_texts[r] for r in done.rows], done.vectors, upsert=upsert,
+                            assume_new=assume_new, chunks=chunks, chunks_table=target.chunks_table)
+    if target.annotated and annotations:
+        notes = [annotations.get(i, (None, None)) for i in row_ids]
+        metadata.write(conn, target.table, target.id_col, row_ids, [n[0] for n in notes],
+                       [n[1] for n in notes])
+    return written

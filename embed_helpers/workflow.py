@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import steps, db, provenance, reembed, retrieval, windows
+from . import steps, db, metadata, provenance, reembed, retrieval, sync, windows
 from .backends import Backend
 from .cache.tools import open_cache
-from .config import Settings
+from .config import Settings, column_names
 from .constants import project_path
 from .errors import ConfigError, DataError
-from .pieces import Pieces, mean_vector
+from .pieces import Pieces
 from .plan import Plan, make_plan
 from .report import RunReport
 from .resilient import Dimension
@@ -45,8 +45,9 @@ class RawInput:
 
 
 def load_raw(path, id_col: str | None = None, text_col: str | None = None,
-             limit: int | None = None) -> RawInput:
-    """Step 3: a Synthea folder (first `limit` patients) or a CSV file (first `limit` rows)."""
+             limit: int | None = None, keep=()) -> RawInput:
+    """Step 3: a Synthea folder (first `limit` patients) or a CSV file (first `limit` rows),
+    with the `keep` columns (KEEP_COLS) and each row's file (for sync)."""
     from . import data  # pandas: only for Steps 3-5, never for a CSV ingest from the CLI
 
     folder = project_path(path)
@@ -56,7 +57,8 @@ def load_raw(path, id_col: str | None = None, text_col: str | None = None,
         if limit:
             tables = data.first_patients(tables, limit)
         return RawInput(tables, data.CONTEXT_ID, data.CONTEXT_TEXT, as_of)
-    df, id_col, text_col = data.load_input(folder, id_col, text_col, limit)
+    df, id_col, text_col = data.load_input(folder, id_col, text_col, limit,
+                                           keep=column_names(keep), with_source=True)
     return RawInput({"rows": df}, id_col, text_col)
 
 
@@ -103,14 +105,18 @@ def rows_of(df, target: Target) -> steps.Rows:
         raise DataError(f"Column(s) {', '.join(map(repr, missing))} not in the input. "
                         f"Columns that exist: {', '.join(columns)}. "
                         "Set ID_COL / TEXT_COL (or --id-col / --text-col).")
-    return steps.prepare(list(df[target.id_col]), list(df[target.text_col]), id_col=target.id_col)
+    return steps.prepare(list(df[target.id_col]), list(df[target.text_col]), id_col=target.id_col,
+                         **metadata.input_columns(df, target, columns))
 
 
 def plan_ingest(df, target: Target, *, settings: Settings, conn, backend: Backend, cache,
-                dim: int | None = None, probe: bool = False) -> Plan:
+                dim: int | None = None, probe: bool = False, scope=None,
+                force_delete: bool = False) -> Plan:
     """Step 8: count what the run will do; creates nothing. `probe=True` times one real
     batch through the embedding sequence (its vectors go to the cache, so the probe is not
-    paid twice) to estimate time and cost."""
+    paid twice) to estimate time and cost. With EMBED_SYNC, `scope` names the input's files
+    (default: those `data.load_input` read) and a sync over the brake is refused here."""
+    target = sync.target_for(target, settings)
     rows = rows_of(df, target)
     if not settings.EMBED_REEMBED:  # before any request: a table of another model stops here
         provenance.check(conn, target.table,
@@ -123,23 +129,33 @@ def plan_ingest(df, target: Target, *, settings: Settings, conn, backend: Backen
                                            table=target.table, cache=cache)
     plan = make_plan(rows, target, conn=conn, backend=backend, cache=cache, settings=settings,
                      dim=dim, dim_source=source)
-    plan.notes += [warning] if warning else []
+    sync.prepare_plan(plan, conn, settings, df, scope, force=force_delete)  # before any payment
     if probe and plan.to_embed and not settings.EMBED_CACHE_ONLY \
             and settings.EMBED_EXPECTED_TEXTS_PER_S is None and cache is not None:
-        sample = plan.batches()[0]
-        sequence = EmbedSequence(backend, cache, settings,
-                                 dimension=Dimension(dim, source or "the probe batch"))
-        t0 = time.perf_counter()
-        tally = sequence.run(Pieces(sample, sample, backend.window), _Discard(), slots=1)
-        elapsed = time.perf_counter() - t0
-        plan = make_plan(rows, target, conn=conn, backend=backend, cache=cache,
-                         settings=settings, dim=sequence.dimension.value, dim_source=source or
-                         "the probe batch")
-        plan.texts_per_s = len(sample) / elapsed if elapsed > 0 and tally.embedded else None
-        plan.probe_texts = tally.embedded
+        plan = _probed(plan, conn=conn, backend=backend, cache=cache, settings=settings,
+                       dim_source=source)
+        sync.prepare_plan(plan, conn, settings, df, scope, force=force_delete)
     plan.provenance = provenance.Provenance.of(plan.identity, plan.window, settings)
-    plan.reembed, plan.notes = job, notes + plan.notes
+    plan.reembed, plan.notes = job, notes + plan.notes + ([warning] if warning else [])
     return plan
+
+
+def _probed(plan: Plan, *, conn, backend: Backend, cache, settings: Settings,
+            dim_source: str) -> Plan:
+    """The plan again after one real batch, timed: its texts per second (and the dimension
+    the batch said, when none was known)."""
+    sample = plan.batches()[0]
+    sequence = EmbedSequence(backend, cache, settings, dimension=Dimension(
+        plan.identity.dim, dim_source or "the probe batch"))
+    t0 = time.perf_counter()
+    tally = sequence.run(Pieces(sample, sample, backend.window), _Discard(), slots=1)
+    elapsed = time.perf_counter() - t0
+    probed = make_plan(plan.rows, plan.target, conn=conn, backend=backend, cache=cache,
+                       settings=settings, dim=sequence.dimension.value,
+                       dim_source=dim_source or "the probe batch")
+    probed.texts_per_s = len(sample) / elapsed if elapsed > 0 and tally.embedded else None
+    probed.probe_texts = tally.embedded
+    return probed
 
 
 class _Discard:
@@ -176,14 +192,17 @@ def run_plan(plan: Plan, *, conn, backend: Backend, cache, settings: Settings,
         from .local_engine import run_local
         report = run_local(plan, conn=conn, backend=backend, cache=cache, settings=settings,
                            progress=progress)
+    report = sync.after_run(plan, conn=conn, settings=settings, report=report)
     return reembed.finish(conn, plan, report)  # a reembed's shadow swapped in when complete
 
 
 def ingest(df, target: Target, *, settings: Settings, conn, backend: Backend, cache,
-           dim: int | None = None, progress: bool = True) -> RunReport:
-    """Steps 8 and 9b: plan, then embed what is missing and write what changed."""
+           dim: int | None = None, progress: bool = True, scope=None,
+           force_delete: bool = False) -> RunReport:
+    """Steps 8 and 9b: plan, then embed what is missing and write what changed (and with
+    EMBED_SYNC delete what left the input)."""
     plan = plan_ingest(df, target, settings=settings, conn=conn, backend=backend, cache=cache,
-                       dim=dim)
+                       dim=dim, scope=scope, force_delete=force_delete)
     return run_plan(plan, conn=conn, backend=backend, cache=cache, settings=settings,
                     progress=progress)
 
@@ -213,83 +232,16 @@ def build_index(conn, target: Target, settings: Settings, dim: int) -> str:
     return why
 
 
-def _pieces_for(ids, texts, backend: Backend, settings: Settings) -> Pieces:
-    return Pieces(list(ids), list(texts), backend.window, settings.EMBED_LONG_TEXTS,
-                  settings.EMBED_CHUNK_OVERLAP)
-
-
-def _one_by_one(backend: Backend, pieces: Pieces, row: int) -> tuple[np.ndarray, list]:
-    """Step 9's vector of one row: one request per chunk, chunks averaged like Step 9b."""
-    text = pieces.row_texts[row]
-    spans = pieces.spans[row]
-    vectors = np.stack([backend.embed_batch([text[s:e]])[0] for s, e in spans])
-    if len(spans) == 1:
-        return vectors[0], []
-    return mean_vector(vectors), [(pieces.ids[row], k, s, e, vectors[k])
-                                  for k, (s, e) in enumerate(spans)]
-
-
-def ingest_per_row(df, target: Target, *, settings: Settings, conn, backend: Backend,
-                   progress: bool = True) -> RunReport:
-    """Step 9, the original loop: one request per text (per chunk of a long text), one
-    INSERT and one commit per row. Kept as the alternate and as the benchmarks' baseline;
-    it prepares rows exactly as Step 9b does, so the two agree."""
-    from tqdm import tqdm
-
-    rows = rows_of(df, target)
-    pieces = _pieces_for(rows.ids, rows.texts, backend, settings)
-    report = RunReport(table=target.table, backend=settings.EMBEDDING_BACKEND, model=backend.model,
-                       route=backend.route, batch_size=1, rows_read=rows.rows_read,
-                       rows_empty=len(rows.empty_ids), empty_ids=rows.empty_ids,
-                       rows_duplicate=rows.duplicate_ids)
-    start, spans, dead = time.perf_counter(), [], {r for r, _ in pieces.failed}
-    for row in tqdm([r for r in range(len(rows.ids)) if r not in dead], desc="Step 9",
-                    unit="row", disable=not progress):
-        t0 = time.perf_counter() - start
-        vector, chunks = _one_by_one(backend, pieces, row)
-        spans.append((t0, time.perf_counter() - start))
-        if not report.dim:
-            report.dim = len(vector)
-            db.create_table(conn, target.table, target.id_col, target.text_col, report.dim,
-                            settings.EMBED_STORAGE)
-        db.insert_one(conn, target.table, target.id_col, target.text_col, rows.ids[row],
-                      rows.texts[row], vector, chunks)
-        report.rows_written += 1
-        report.texts_embedded += len(pieces.spans[row])
-        report.requests += len(pieces.spans[row])
-    report.finish_timing(time.perf_counter() - start, spans, [])
-    return report
-
-
-def parity_check(conn, backend: Backend, df, target: Target, settings: Settings, *,
-                 sample: int = 5, query: str | None = None) -> dict:
-    """Step 9 and Step 9b give the same vectors: embed a sample one text (one chunk) per
-    request, as Step 9 does, and compare with what Step 9b stored (within 1e-4; halfvec
-    keeps 11 significant bits, so a unit vector's components may also round by 2^-11),
-    and the top results."""
-    rows = rows_of(df, target)
-    pieces = _pieces_for(rows.ids[:sample], rows.texts[:sample], backend, settings)
-    stored = db.fetch_vectors(conn, target.table, target.id_col, pieces.ids)
-    single = {pieces.ids[r]: _one_by_one(backend, pieces, r)[0] for r in range(len(pieces.ids))}
-    diff = max(float(np.max(np.abs(stored[i] - v))) for i, v in single.items() if i in stored)
-    query = query or rows.texts[0][:200]
-    q_single = backend.embed_batch([query])[0]
-    q_batched = backend.embed_batch([query, *rows.texts[1:sample]])[0]
-    top = [[h[0] for h in retrieval.search(conn, target.table, target.id_col, target.text_col, q, 3)]
-           for q in (q_single, q_batched)]
-    tolerance = 1e-4 + (2.0 ** -11 if settings.EMBED_STORAGE == "halfvec" else 0.0)
-    return {"rows_compared": len(single), "same_vectors": diff < tolerance,
-            "same_top3": top[0] == top[1]}
-
-
-def semantic_search(conn, backend: Backend, target: Target, query: str,
-                    k: int = 3) -> list[tuple[str, float, str]]:
+def semantic_search(conn, backend: Backend, target: Target, query: str, k: int = 3,
+                    where: dict | None = None) -> list[tuple[str, float, str]]:
     """Embed `query` with the same backend and return the k nearest rows (a row split into
-    chunks is ranked by its best chunk, whose text is shown)."""
+    chunks is ranked by its best chunk, whose text is shown); `where` filters on kept
+    columns, e.g. {"year": 2020, "journal": ["BMJ", "Lancet"]} (`retrieval.search`)."""
     vector = np.asarray(backend.embed_batch([query])[0], dtype=np.float32)
-    return retrieval.search(conn, target.table, target.id_col, target.text_col, vector, k)
+    return retrieval.search(conn, target.table, target.id_col, target.text_col, vector, k,
+                            where=where)
 
 
 __all__ = ["RawInput", "load_raw", "clean_raw", "build_rows", "open_cache", "discover_dimension",
-           "plan_ingest", "run_plan", "ingest", "insert_rows", "build_index", "ingest_per_row", "parity_check",
+           "plan_ingest", "run_plan", "ingest", "insert_rows", "build_index",
            "semantic_search"]

@@ -362,3 +362,25 @@ def test_a_reembed_on_ray_swaps_in_the_other_models_vectors(make, conn, table):
     for text, vector in rows.values():
         np.testing.assert_allclose(vector, expected_vector(text, DIM, model="model-b"), atol=1e-6)
     assert provenance.read(conn, table)[1].identity["model"] == "model-b"
+
+
+def test_ray_writes_kept_columns_and_sources_and_sync_runs_after_it(make, servers, conn, table):
+    from embed_helpers.readers import SOURCE_KEY
+    df = frame(60).assign(year=[str(2000 + i % 5) for i in range(60)], **{SOURCE_KEY: "a.csv"})
+    settings = make(servers, EMBED_ENGINE="ray", EMBED_SYNC=1)
+
+    def go(rows):
+        with get_backend(settings) as backend, open_cache(settings) as cache:
+            return ingest(rows, Target(table, "id", "text", keep_cols="year"), settings=settings,
+                          conn=conn, backend=backend, cache=cache, progress=False,
+                          scope=["a.csv"])
+    assert go(df).rows_written == 60
+    with conn.cursor() as cur:
+        cur.execute(f'SELECT id, source, metadata FROM "{table}"')
+        rows = {r[0]: (r[1], r[2]) for r in cur.fetchall()}
+    conn.rollback()
+    assert len(rows) == 60 and rows["r7"] == ("a.csv", {"year": "2002"})
+    sent = texts_sent(servers)
+    report = go(df.iloc[6:])
+    assert report.sync["rows_deleted"] == 6 and texts_sent(servers) == sent
+    assert set(stored(conn, table)) == {f"r{i}" for i in range(6, 60)}

@@ -13,7 +13,8 @@ from embed_helpers import db, retrieval
 from embed_helpers.backends import get_backend
 from embed_helpers.steps import Target
 from embed_helpers.pieces import mean_vector
-from embed_helpers.workflow import ingest, ingest_per_row, open_cache, parity_check
+from embed_helpers.per_row import ingest_per_row, parity_check
+from embed_helpers.workflow import ingest, open_cache
 
 DIM = 32
 WINDOW = 60  # EMBED_MAX_INPUT_TOKENS: the fake server's model "reads" 58 tokens (2 for specials)

@@ -14,7 +14,8 @@ from embed_helpers.copy_format import rows_payload
 from embed_helpers.errors import ConfigError, DataError, EmbeddingValidationError
 from embed_helpers.identity import cache_key
 from embed_helpers.steps import Target
-from embed_helpers.workflow import ingest, insert_rows, open_cache, parity_check
+from embed_helpers.per_row import parity_check
+from embed_helpers.workflow import ingest, insert_rows, open_cache
 
 FULL, SHORT = 64, 16
 LONG = " ".join(f"Sentence {k} of a long abstract about renal function." for k in range(12))

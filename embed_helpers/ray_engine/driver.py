@@ -148,6 +148,8 @@ def _dataset(ray, plan: Plan, block: int):
     rows = plan.rows.take(plan.todo)
     frame = pd.DataFrame({"id": rows.ids, "text": rows.texts,
                           "new": np.array([i not in plan.stored_ids for i in rows.ids])})
+    if plan.target.annotated:  # each row's (source, metadata) travels with it, as JSON
+        frame["notes"] = [json.dumps(plan.annotations.get(i, (None, None))) for i in rows.ids]
     return ray.data.from_pandas(frame).repartition(target_num_rows_per_block=block)
 
 

@@ -69,8 +69,11 @@ class BlockWorker:
                                         done.vectors.shape[1])
             self.table_ready = True
         new = {str(i) for i, is_new in zip(batch["id"], batch["new"]) if is_new}
+        notes = {str(i): tuple(json.loads(n)) for i, n in zip(batch["id"], batch["notes"])} \
+            if "notes" in batch else None
         written = steps.write(self.conn, self.target, pieces, done, upsert=self.settings.UPSERT,
-                             assume_new=all(pieces.ids[r] in new for r in done.rows))
+                             assume_new=all(pieces.ids[r] in new for r in done.rows),
+                             annotations=notes)
         return self._summary(tally, written, len(done.chunks), sink.failures, before,
                              time.perf_counter() - t0)
 
