@@ -134,8 +134,12 @@ def cmd_plan(args) -> int:
 
 
 def _scope(args) -> list[str]:
-    """The files sync may delete rows of: those this run reads (`readers.source_labels`)."""
+    """The files sync may delete rows of: those this run reads (`readers.source_labels`);
+    none for a PostgreSQL source, which is its own scope (`PostgresSource.label`)."""
     from .readers import source_labels
+    from .sources import is_postgres_source
+    if is_postgres_source(args.data):
+        return []
     path = _data_path(args)
     return [] if (path / "patients.csv").is_file() else source_labels(path)
 

@@ -7,13 +7,12 @@ run's memory holds one window, not the table. The connection is its own, read-on
 separate from the target's (the source may be the same database or another one), and its
 DSN is shown masked like DATABASE_URL's.
 
-Ids are cast to text by PostgreSQL (`id::text`), the same for every window, since the
-target's ids are text. A read that fails part-way raises: the reader never ends quietly
-on fewer rows, and `complete` is true only once the cursor ran out with no LIMIT cutting
-it, so a step that deletes rows missing from the source (sync) can trust `ids_seen`.
+Ids are cast to text (`id::text`) alike in every window. A read that fails part-way raises;
+`complete` is true only once the cursor ran out with no LIMIT, so sync can trust `ids_seen`.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -24,7 +23,7 @@ from psycopg2 import sql
 from .constants import INPUT_ERRORS_SHOWN, SOURCE_WINDOW_ROWS
 from .errors import DatabaseError, DataError
 from .printing import dsn_problem, mask_url, without_password
-from .readers import check_limit, is_blank
+from .readers import SOURCE_KEY, check_limit, is_blank
 from .table_names import regclass_text
 
 log = logging.getLogger(__name__)
@@ -54,9 +53,11 @@ class SourceWindow:
     first: int = 0              # the source row number of its first row, from 0
     repeated_before: int = 0    # rows whose id an earlier window already had
 
-    def columns(self, id_col: str, text_col: str) -> dict[str, list]:
-        """The window as `plan_ingest` takes an input: {column: values}."""
-        return {id_col: self.ids, text_col: self.texts, **self.extras}
+    def columns(self, id_col: str, text_col: str, source: str | None = None) -> dict[str, list]:
+        """The window as `plan_ingest` takes it: {column: values}; each row may record
+        `source` (readers.SOURCE_KEY), as a file's rows record the file."""
+        named = {SOURCE_KEY: [source] * len(self.ids)} if source else {}
+        return {id_col: self.ids, text_col: self.texts, **self.extras, **named}
 
 
 def clean_query(query: str) -> str:
@@ -134,6 +135,13 @@ class PostgresSource:
     def __repr__(self) -> str:
         return f"PostgresSource({self.where!r}, {self.what})"
 
+    @property
+    def label(self) -> str:
+        """The rows' recorded source and a sync's scope: the table, or the query's hash."""
+        digest = hashlib.sha256(self.query.encode()).hexdigest()[:12]
+        return f"postgresql {self.what}" if self.what.startswith("table ") else \
+            f"postgresql query {digest}"
+
     def describe(self) -> str:
         return (f"PostgreSQL {self.where}, {self.what}, read in windows of {self.window:,} "
                 f"rows (EMBED_SOURCE_WINDOW)")
@@ -148,6 +156,7 @@ class PostgresSource:
             with self._conn.cursor() as cur:
                 cur.execute(statement)
                 returned = [d.name for d in cur.description]
+            self._conn.rollback()  # hold no lock on the source until it is read
             self.id_col, self.text_col = pick_columns(returned, self.id_col, self.text_col,
                                                       self.extra_cols)
             self.extra_cols = tuple(c for c in self.extra_cols

@@ -15,6 +15,8 @@ import time
 from contextlib import closing
 from dataclasses import fields
 
+from . import sync
+from .config import replace_settings
 from .plan import Plan
 from .report import RunReport
 from .errors import DataError
@@ -44,29 +46,35 @@ def source_from_args(args, settings) -> PostgresSource | None:
         return None
     return open_source(args.data, query=args.query, table=args.source_table,
                        id_col=args.id_col, text_col=args.text_col, limit=args.limit,
-                       window=settings.EMBED_SOURCE_WINDOW)
+                       window=settings.EMBED_SOURCE_WINDOW, extra_cols=settings.EMBED_KEEP_COLS)
 
 
 def ingest_source(source: PostgresSource, target: Target, *, settings, conn, backend, cache,
-                  progress: bool = True) -> RunReport:
+                  progress: bool = True, scope=None, force_delete: bool = False) -> RunReport:
     """Steps 8 and 9b over a source read in windows: each window planned and run like a
-    whole input, the reports merged into one. The source is closed at the end; its
-    `ids_seen` and `complete` say what was read (for a sync that deletes what is gone)."""
+    whole input, the reports merged into one. With EMBED_SYNC, the rows that left the
+    source are deleted once, after the last window (`sync.after_source`): a window is not
+    the source, so the windows themselves run without sync. The source is closed at the end."""
     started = time.perf_counter()
-    total, release, ray_start = None, None, 0.0
+    total, release, ray_start, meta_updated = None, None, 0.0, 0
     try:
+        target = sync.target_for(target, settings)  # the rows record the source they came from
+        windows_settings = replace_settings(settings, EMBED_SYNC=False)
         with closing(source.windows()) as windows:  # a window that fails ends the cursor
             for window in windows:
-                plan = plan_ingest(window.columns(target.id_col, target.text_col), target,
-                                   settings=settings, conn=conn, backend=backend, cache=cache)
+                plan = plan_ingest(window.columns(target.id_col, target.text_col,
+                                                  source.label if target.record_source else None),
+                                   target, settings=windows_settings, conn=conn,
+                                   backend=backend, cache=cache)
                 if settings.EMBED_ENGINE == "ray" and plan.todo and release is None:
                     from .ray_engine.driver import hold_ray  # once for every window
                     t0 = time.perf_counter()
                     release, ray_start = hold_ray(settings), time.perf_counter() - t0
                 offset = time.perf_counter() - started
                 part = run_plan(plan, conn=conn, backend=backend, cache=cache,
-                                settings=settings, progress=progress)
+                                settings=windows_settings, progress=progress)
                 part.rows_duplicate += window.repeated_before
+                meta_updated += part.sync.get("rows_metadata_updated", 0)
                 total = merge_reports(total, part, offset)
     except BaseException:
         if total is not None:
@@ -83,6 +91,8 @@ def ingest_source(source: PostgresSource, target: Target, *, settings, conn, bac
                           route=backend.route)
     if ray_start:  # the windows found Ray started: its start-up is the run's
         total.ray_startup_s = round((total.ray_startup_s or 0) + ray_start, 2)
+    sync.after_source(source, target, conn=conn, settings=settings, report=total,
+                      metadata_updated=meta_updated, force=force_delete)
     return finish(total, time.perf_counter() - started)
 
 
@@ -205,6 +215,7 @@ class StreamPlan:
              "texts to embed", "requests"), 0)
         self.tokens, self.probe_texts, self.long, self.notes = 0, 0, {}, []
         self.batch_size, self.gpu_hourly_usd, self.price_per_1m = 0, None, None
+        self.sync: list[tuple[str, object]] = []   # EMBED_SYNC: `sync.source_count`
 
     def add(self, plan: Plan, repeated_before: int) -> None:
         values = (plan.rows.rows_read, len(plan.rows.empty_ids),
@@ -238,6 +249,7 @@ class StreamPlan:
             rows.insert(7, (f"texts over the {self.long['window']}-token window",
                             f"{self.long['over']} ({self.long['chunks']} chunks, longest "
                             f"{self.long['longest']} tokens, id {self.long['longest_id']})"))
+        rows += self.sync
         rows.append(("estimated embedding time", "unknown" if est is None else f"{est:.1f} s"))
         if self.gpu_hourly_usd is not None:
             cost = None if est is None else est / 3600 * self.gpu_hourly_usd
@@ -259,17 +271,24 @@ class StreamPlan:
 
 
 def plan_source(source: PostgresSource, target: Target, *, settings, conn, backend, cache,
-                probe: bool = True) -> StreamPlan:
+                probe: bool = True, scope=None, force_delete: bool = False) -> StreamPlan:
     """Step 8 over a source read in windows: the totals, creating nothing. The first window
-    with texts to embed may time one probe batch (cached, so not paid twice)."""
+    with texts to embed may time one probe batch (cached, so not paid twice). A source is
+    its own sync scope (`PostgresSource.label`): `scope` is for files and is not used."""
     totals = StreamPlan(source)
     try:
+        target = sync.target_for(target, settings)
+        windows_settings = replace_settings(settings, EMBED_SYNC=False)
         with closing(source.windows()) as windows:
             for window in windows:
-                plan = plan_ingest(window.columns(target.id_col, target.text_col), target,
-                                   settings=settings, conn=conn, backend=backend, cache=cache,
+                plan = plan_ingest(window.columns(target.id_col, target.text_col,
+                                                  source.label if target.record_source else None),
+                                   target, settings=windows_settings, conn=conn,
+                                   backend=backend, cache=cache,
                                    probe=probe and totals.texts_per_s is None)
                 totals.add(plan, window.repeated_before)
     finally:
         source.close()
+    totals.sync = sync.source_count(source, target, conn=conn, settings=settings,
+                                    force=force_delete)
     return totals

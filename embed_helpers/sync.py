@@ -240,3 +240,33 @@ def after_run(plan, *, conn, settings, report):
                    "chunks_deleted": count.chunks if count else 0,
                    "lines": report_lines(count, updated)}
     return report
+
+
+def source_count(source, target, *, conn, settings, force: bool = False
+                 ) -> list[tuple[str, object]]:
+    """The plan's sync rows for a source read in windows, once every id is read; the
+    brake is said here, before anything is paid."""
+    if not settings.EMBED_SYNC or not source.complete:
+        return []
+    scope = scope_for(settings, [source.label])
+    count = count_missing(conn, target, list(source.ids_seen), scope)
+    check_brake(count, settings, target, force=force)
+    return plan_lines(count, scope)
+
+
+def after_source(source, target, *, conn, settings, report, metadata_updated: int = 0,
+                 force: bool = False) -> None:
+    """After the last window of a source: with EMBED_SYNC, the rows of this source that it
+    no longer has are deleted (`delete_missing`), once, with every id read; a source that
+    was not read to its end deletes nothing. `metadata_updated`: the windows' sum."""
+    updated, count = metadata_updated, None
+    if settings.EMBED_SYNC:
+        if not source.complete:
+            raise DataError("the source was not read to its end, so sync deletes nothing: run "
+                            "again without --limit once the source reads whole.")
+        count = delete_missing(conn, target, list(source.ids_seen),
+                               scope_for(settings, [source.label]), settings, force=force)
+    report.sync = {"rows_metadata_updated": updated,
+                   "rows_deleted": count.stale if count else 0,
+                   "chunks_deleted": count.chunks if count else 0,
+                   "lines": report_lines(count, updated)}

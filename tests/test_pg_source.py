@@ -273,3 +273,36 @@ def test_the_ray_engine_runs_every_window_on_one_ray(make_settings, server, conn
     assert report.requests == server.total_requests(EMBED) and report.texts_embedded == 19
     assert server.total_texts(EMBED) == 19
     assert sum(w["rows"] for w in report.workers.values()) == 19
+
+
+def test_sync_after_the_last_window_deletes_what_left_the_source_and_the_brake_holds(
+        make_settings, server, conn, table, notes):
+    """With EMBED_SYNC the windows run without it (a window is not the source) and the rows
+    that left the source go once, after the last window: 6 of 38 deleted with 0 requests,
+    though every window alone lacks most rows. Over the brake: refused by the plan and the
+    run, nothing deleted; --keep-cols stores the source's other columns."""
+    settings = make_settings(EMBEDDING_BACKEND="llm_api", OPENAI_BASE_URL=server.url + "/v1",
+                             OPENAI_API_KEY="sk-test-0000", EMBED_BATCH_SIZE=4, EMBED_SYNC=1,
+                             EMBED_KEEP_COLS="ward")
+
+    def source():
+        return open_source(source_url(), table=notes, window=WINDOW, id_col="note_id",
+                           text_col="body", extra_cols=settings.EMBED_KEEP_COLS)
+    assert stream(settings, conn, table, source()).rows_written == 38
+    with conn.cursor() as cur:
+        cur.execute(f'SELECT metadata, source FROM "{table}" WHERE note_id = \'7\'')
+        assert cur.fetchone() == ({"ward": "ward 1"}, f"postgresql table {notes}")
+        cur.execute(f'DELETE FROM "{notes}" WHERE note_id BETWEEN 30 AND 35')
+    conn.commit()
+    server.reset()
+    report = stream(settings, conn, table, source())
+    assert report.sync["rows_deleted"] == 6 and server.total_requests() == 0
+    assert len(stored(conn, table)) == 32
+    with conn.cursor() as cur:
+        cur.execute(f'DELETE FROM "{notes}" WHERE note_id > 8')
+    conn.commit()
+    with pytest.raises(DataError, match="force-delete"):
+        stream(settings, conn, table, source(), plan=True)
+    with pytest.raises(DataError, match="force-delete"):
+        stream(settings, conn, table, source())
+    assert len(stored(conn, table)) == 32
