@@ -217,7 +217,7 @@ def build_contexts(tables: dict[str, pd.DataFrame], *,
     `load_synthea` tables are accepted too (they are cleaned first).
 
     Returns:
-        DataFrame(patient_id, context_text).
+        DataFrame(patient_id, context_text, gender).
     """
     if not pd.api.types.is_datetime64_any_dtype(tables["patients"]["BIRTHDATE"]):
         tables = clean_synthea(tables)  # raw load_synthea output: dates are still strings
@@ -241,8 +241,9 @@ def build_contexts(tables: dict[str, pd.DataFrame], *,
         lines = [f"Patient: {_demographics(p, as_of)}"]
         lines += [f"{heading}: {format_list(sections[n].get(p.Id, []), cap)}"
                   for n, heading, cap in SECTIONS]
-        rows.append((p.Id, "\n".join(lines)))
-    df = pd.DataFrame(rows, columns=[CONTEXT_ID, CONTEXT_TEXT])
+        rows.append((p.Id, "\n".join(lines), p.GENDER if pd.notna(p.GENDER) else None))
+    # gender beside the text: a column a search can be filtered on (KEEP_COLS=gender)
+    df = pd.DataFrame(rows, columns=[CONTEXT_ID, CONTEXT_TEXT, "gender"])
     logger.info("built %d patient contexts (ages as of %s)", len(df), f"{as_of:%Y-%m-%d}")
     return df
 

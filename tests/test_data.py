@@ -57,7 +57,7 @@ def test_pubmed_sample_has_every_query_target_once():
 # ---- Step 5: contexts ---------------------------------------------------------------------
 
 def test_one_context_per_patient_in_patients_order(raw, contexts):
-    assert list(contexts.columns) == ["patient_id", "context_text"]
+    assert list(contexts.columns) == ["patient_id", "context_text", "gender"]
     assert len(contexts) == 100 and contexts["patient_id"].is_unique
     assert list(contexts["patient_id"]) == list(raw["patients"]["Id"])
     assert contexts["context_text"].str.len().min() > 100
