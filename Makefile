@@ -26,10 +26,17 @@ venv: $(STAMP)
 run: $(RUN_NEEDS)
 	$(PY) -m embed_helpers run $(if $(PARAMS),$(foreach p,$(PARAMS),--param $(p)))
 
-## The whole suite: unit and integration tests, doctests, and nbval on the notebook, on
-## one worker per core (at most 4; see conftest.py for what stays together).
+## The whole suite: unit and integration tests, doctests, and nbval on the notebook.
+## `make test WORKERS=auto` spreads the tests and doctests over the cores (pytest-xdist; see
+## conftest.py for what stays together), then runs the notebook, whose cells share a kernel.
+WORKERS ?=
 test: $(STAMP) $(RAY_STAMP)
-	$(PY) -m pytest -n auto --dist loadgroup
+ifeq ($(WORKERS),)
+	$(PY) -m pytest
+else
+	$(PY) -m pytest -n $(WORKERS) --dist loadgroup tests embed_helpers
+	$(PY) -m pytest notebooks
+endif
 
 ## Benchmarks (print tables; see GUIDE.md).
 bench: $(STAMP) $(RAY_STAMP)

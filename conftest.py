@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -69,16 +70,19 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the node ids
 def pytest_collection_modifyitems(config, items) -> None:
-    """With `--dist loadgroup`, a file's tests stay on one worker, in order (the notebook's
-    cells need one kernel, modules share their fixtures), and every Ray test runs on the
-    same worker: two Ray clusters at once on a small machine only time each other out."""
+    """With `--dist loadgroup`, a file's tests stay on one worker, in order (modules share
+    their fixtures), and every Ray test runs on the same worker: two Ray clusters at once on
+    a small machine only time each other out. (nbval's cells ignore the group: `make test`
+    runs the notebook in a pytest of its own.)"""
     for item in items:
         if item.get_closest_marker("xdist_group"):
             continue
         names = [item.path.stem, item.name.split("[")[0], *getattr(item, "fixturenames", ())]
         ray = any("ray" in name.split("_") for name in names)  # test_engine_ray, local_ray...
-        item.add_marker(pytest.mark.xdist_group("ray" if ray else str(item.path)))
+        group = "ray" if ray else re.sub(r"\W", "_", str(item.path.relative_to(PROJECT_ROOT)))
+        item.add_marker(pytest.mark.xdist_group(group))  # word characters: xdist parses ids
 
 
 def pytest_report_header(config):

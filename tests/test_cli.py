@@ -152,9 +152,9 @@ def test_notebook_twice_second_step_9b_is_all_cache_hits(fake_server, tmp_path, 
     assert second["cache_hits"] == 8 and second["cache_hit_rate"] == 1.0
     assert second["rows_written"] == 8 and second["texts_embedded"] == 0
     assert second["requests"] == 0  # Step 9b sent nothing (Verification's searches do send)
-    assert fake_server.total_texts() == 3 + 11  # 3 search queries, the parity check's 5 + 1 + 5
+    assert fake_server.total_texts() == 4 + 11  # 4 search queries (one filtered), the parity check's 5 + 1 + 5
     assert second["requests_total"] == fake_server.total_requests()  # the bill, warm
-    assert second["texts_total"] == fake_server.total_texts() == 14
+    assert second["texts_total"] == fake_server.total_texts() == 15
     assert "cache hits 8" in stdout and "executed notebook:" in stdout
 
 
