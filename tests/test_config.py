@@ -11,7 +11,8 @@ from embed_helpers.errors import ConfigError
 
 PACKAGE = PROJECT_ROOT / "embed_helpers"
 
-KEY = "sk-test-abcdefghijklmnopqrstuvwxyz123456"
+#: A key of the real shape (masking keeps "sk-" and the last four), plainly not a real one.
+KEY = "sk-test-" + "0" * 26 + "123456"
 
 
 def load(tmp_path, environ=None, env_text=None, overrides=None):

@@ -22,7 +22,8 @@ from embed_helpers.texts import abatch_embed, batch_embed
 from embed_helpers.errors import (AuthenticationError, BackendError, BackendUnreachable,
                                   EmbeddingFailures, EmbeddingValidationError, ModelNotFound)
 
-KEY = "sk-test-abcdefghijklmnop123456"
+#: A key of the real shape (masking keeps "sk-" and the last four), plainly not a real one.
+KEY = "sk-test-" + "0" * 16 + "123456"
 TEXTS = [f"patient {i}: note about visit {i % 37}" for i in range(1000)]
 
 
