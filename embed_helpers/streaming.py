@@ -49,6 +49,12 @@ def source_from_args(args, settings) -> PostgresSource | None:
                        window=settings.EMBED_SOURCE_WINDOW, extra_cols=settings.EMBED_KEEP_COLS)
 
 
+def window_input(window, target: Target, source: PostgresSource) -> dict[str, list]:
+    """A window as `plan_ingest` takes it, each row recording the source when sync needs it."""
+    return window.columns(target.id_col, target.text_col,
+                          source.label if target.record_source else None)
+
+
 def ingest_source(source: PostgresSource, target: Target, *, settings, conn, backend, cache,
                   progress: bool = True, scope=None, force_delete: bool = False) -> RunReport:
     """Steps 8 and 9b over a source read in windows: each window planned and run like a
@@ -62,10 +68,9 @@ def ingest_source(source: PostgresSource, target: Target, *, settings, conn, bac
         windows_settings = replace_settings(settings, EMBED_SYNC=False)
         with closing(source.windows()) as windows:  # a window that fails ends the cursor
             for window in windows:
-                plan = plan_ingest(window.columns(target.id_col, target.text_col,
-                                                  source.label if target.record_source else None),
-                                   target, settings=windows_settings, conn=conn,
-                                   backend=backend, cache=cache)
+                plan = plan_ingest(window_input(window, target, source), target,
+                                   settings=windows_settings, conn=conn, backend=backend,
+                                   cache=cache)
                 if settings.EMBED_ENGINE == "ray" and plan.todo and release is None:
                     from .ray_engine.driver import hold_ray  # once for every window
                     t0 = time.perf_counter()
@@ -281,11 +286,9 @@ def plan_source(source: PostgresSource, target: Target, *, settings, conn, backe
         windows_settings = replace_settings(settings, EMBED_SYNC=False)
         with closing(source.windows()) as windows:
             for window in windows:
-                plan = plan_ingest(window.columns(target.id_col, target.text_col,
-                                                  source.label if target.record_source else None),
-                                   target, settings=windows_settings, conn=conn,
-                                   backend=backend, cache=cache,
-                                   probe=probe and totals.texts_per_s is None)
+                plan = plan_ingest(window_input(window, target, source), target,
+                                   settings=windows_settings, conn=conn, backend=backend,
+                                   cache=cache, probe=probe and totals.texts_per_s is None)
                 totals.add(plan, window.repeated_before)
     finally:
         source.close()

@@ -194,6 +194,14 @@ def report_lines(count: SyncCount | None, metadata_updated: int) -> list[str]:
     return lines
 
 
+def report_sync(count: SyncCount | None, metadata_updated: int) -> dict:
+    """The report's `sync` field: what was updated and deleted, and its lines."""
+    return {"rows_metadata_updated": metadata_updated,
+            "rows_deleted": count.stale if count else 0,
+            "chunks_deleted": count.chunks if count else 0,
+            "lines": report_lines(count, metadata_updated)}
+
+
 def target_for(target, settings):
     """The target a run writes: with EMBED_SYNC each row's source is recorded; KEEP_COLS
     from EMBED_KEEP_COLS when the target names none."""
@@ -235,10 +243,7 @@ def after_run(plan, *, conn, settings, report):
     if settings.EMBED_SYNC and plan.sync_scope is not None:
         count = delete_missing(conn, plan.target, kept_ids(plan.rows), plan.sync_scope,
                                settings, force=plan.force_delete)
-    report.sync = {"rows_metadata_updated": updated,
-                   "rows_deleted": count.stale if count else 0,
-                   "chunks_deleted": count.chunks if count else 0,
-                   "lines": report_lines(count, updated)}
+    report.sync = report_sync(count, updated)
     return report
 
 
@@ -266,7 +271,4 @@ def after_source(source, target, *, conn, settings, report, metadata_updated: in
                             "again without --limit once the source reads whole.")
         count = delete_missing(conn, target, list(source.ids_seen),
                                scope_for(settings, [source.label]), settings, force=force)
-    report.sync = {"rows_metadata_updated": updated,
-                   "rows_deleted": count.stale if count else 0,
-                   "chunks_deleted": count.chunks if count else 0,
-                   "lines": report_lines(count, updated)}
+    report.sync = report_sync(count, updated)

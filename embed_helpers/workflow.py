@@ -134,7 +134,6 @@ def plan_ingest(df, target: Target, *, settings: Settings, conn, backend: Backen
             and settings.EMBED_EXPECTED_TEXTS_PER_S is None and cache is not None:
         plan = _probed(plan, conn=conn, backend=backend, cache=cache, settings=settings,
                        dim_source=source)
-        sync.prepare_plan(plan, conn, settings, df, scope, force=force_delete)
     plan.provenance = provenance.Provenance.of(plan.identity, plan.window, settings)
     plan.reembed, plan.notes = job, notes + plan.notes + ([warning] if warning else [])
     return plan
@@ -155,6 +154,9 @@ def _probed(plan: Plan, *, conn, backend: Backend, cache, settings: Settings,
                        dim_source=dim_source or "the probe batch")
     probed.texts_per_s = len(sample) / elapsed if elapsed > 0 and tally.embedded else None
     probed.probe_texts = tally.embedded
+    # the sync the plan counted: the probe wrote nothing, so it still holds
+    probed.sync_scope, probed.sync_count = plan.sync_scope, plan.sync_count
+    probed.force_delete = plan.force_delete
     return probed
 
 
